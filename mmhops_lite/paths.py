@@ -1,0 +1,34 @@
+"""Where mmhops-lite keeps converted models and caches (MMHOPS_HOME)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def home() -> Path:
+    """The user dir: $MMHOPS_HOME, else $XDG_CACHE_HOME/mmhops-lite, else ~/.cache/mmhops-lite."""
+    env = os.environ.get("MMHOPS_HOME")
+    if env:
+        root = Path(env).expanduser()
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        root = Path(base) / "mmhops-lite"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def cache_dir(*parts: str) -> Path:
+    """A sub-folder of the user dir, created on demand."""
+    p = home().joinpath(*parts)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def free_cores() -> int:
+    """Cores not busy with other processes (at least 1): torch slows ~10x when it oversubscribes."""
+    n = os.cpu_count() or 1
+    try:
+        load1 = os.getloadavg()[0]
+    except OSError:  # pragma: no cover - not on every platform
+        return n
+    return max(1, min(n, round(n - load1 + 0.5)))

@@ -1,0 +1,90 @@
+"""The concepts passed between modules: one frozen dataclass each, with to_dict/from_dict for JSON."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+
+class _Json:
+    def to_dict(self) -> dict:
+        """Plain dict for JSON."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """Build from a dict, ignoring unknown keys."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass(frozen=True)
+class Passage(_Json):
+    """A text passage of the knowledge base."""
+
+    id: str
+    title: str
+    text: str
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class ImageRecord(_Json):
+    """An image of the knowledge base, naming the entity it shows."""
+
+    id: str
+    path: str
+    title: str
+    caption: str = ""
+
+
+@dataclass(frozen=True)
+class Triple(_Json):
+    """A (subject, relation, object) fact of the knowledge base."""
+
+    subject: str
+    relation: str
+    object: str
+
+
+@dataclass(frozen=True)
+class PassageHit(_Json):
+    """A passage returned by a text search, with its fused score and the rankers' evidence."""
+
+    passage: Passage
+    score: float
+    dense: float | None = None
+    bm25_rank: int | None = None
+
+    @property
+    def id(self) -> str:
+        return self.passage.id
+
+    @property
+    def title(self) -> str:
+        return self.passage.title
+
+
+@dataclass(frozen=True)
+class Entity(_Json):
+    """An entity found by image search: the best-matching KB image, its title and passage head."""
+
+    id: str
+    title: str
+    score: float
+    caption: str = ""
+    path: str = ""
+    passage_id: str | None = None
+    passage_head: str = ""
+
+
+@dataclass(frozen=True)
+class Question(_Json):
+    """A question in the MMhops schema (paths already resolved against the question file)."""
+
+    id: str
+    problem: str
+    images: tuple[str, ...] = ()
+    answer: str = ""
+    answer_eval: tuple = ()
+    split: str = "Bridge"
+    problem_type: str = "String"
+    extra: dict = field(default_factory=dict)

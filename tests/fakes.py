@@ -1,0 +1,55 @@
+"""Tiny deterministic encoders for fast tests: real enough to rank, free of model weights."""
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+class HashTextEncoder:
+    """Bag of hashed words (and word bigrams) -> 128-d unit vector."""
+
+    id = "fake-hash-text"
+    dim = 128
+
+    def __init__(self, delay: float = 0.0):
+        self.delay = delay
+        self.encoded = 0
+
+    def encode(self, items, batch_size: int = 32) -> np.ndarray:
+        out = np.zeros((len(items), self.dim), np.float32)
+        for i, t in enumerate(items):
+            words = re.findall(r"\w+", t.lower())
+            for w in words + [a + " " + b for a, b in zip(words, words[1:])]:
+                h = int.from_bytes(hashlib.md5(w.encode()).digest()[:4], "little")
+                out[i, h % self.dim] += 1.0 if h & 1 << 31 else -1.0
+        out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+        self.encoded += len(items)
+        if self.delay:
+            time.sleep(self.delay)
+        return out
+
+
+class TinyImageEncoder:
+    """An image shrunk to 8x8 RGB, centred -> 192-d unit vector."""
+
+    id = "fake-tiny-image"
+    dim = 192
+
+    def __init__(self):
+        self.encoded = 0
+
+    def encode(self, items, batch_size: int = 32) -> np.ndarray:
+        from PIL import Image
+
+        out = []
+        for it in items:
+            im = it if isinstance(it, Image.Image) else Image.open(Path(it))
+            a = np.asarray(im.convert("RGB").resize((8, 8)), np.float32).ravel()
+            a = a - a.mean()
+            out.append(a / max(np.linalg.norm(a), 1e-9))
+        self.encoded += len(items)
+        return np.stack(out).astype(np.float32)
