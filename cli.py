@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mmhops_lite import __version__, api
@@ -49,7 +50,7 @@ def _run(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except MmhopsError as exc:
-        err.print(f"[bold red][error][/bold red] {exc}", highlight=False)
+        err.print(f"[bold red]\\[error][/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
 

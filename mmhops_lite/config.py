@@ -63,6 +63,7 @@ class LoopConfig:
     top_k: int = _f(3, "hits shown to the policy per search")
     info_tokens: int = _f(400, "token budget of one <information> block")
     temperature: float = _f(0.0, "sampling temperature (0 = greedy)")
+    max_new_tokens: int = _f(128, "tokens the policy may write in one turn")
 
 
 @dataclass(frozen=True)

@@ -88,3 +88,48 @@ class Question(_Json):
     split: str = "Bridge"
     problem_type: str = "String"
     extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Action(_Json):
+    """What the policy chose in one turn: image_search (argument = 1-based image number), text_search, answer,
+    or invalid (argument = why)."""
+
+    kind: str
+    argument: str
+    think: str = ""
+    raw: str = ""
+
+
+@dataclass(frozen=True)
+class Hop(_Json):
+    """One turn of the loop: the action, what came back, and what it cost."""
+
+    action: str
+    argument: str
+    results: tuple = ()  # ({"id", "title", "score"}, ...)
+    seconds: float = 0.0
+    tokens_evaluated: int = 0
+    tokens_generated: int = 0
+    think: str = ""
+    raw: str = ""
+
+
+@dataclass(frozen=True)
+class Trace(_Json):
+    """A whole episode: the question, every hop, the answer and the evidence it rests on."""
+
+    question: str
+    images: tuple = ()
+    hops: tuple = ()
+    answer: str | None = None
+    evidence: tuple = ()
+    tokens: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    models: dict = field(default_factory=dict)
+    transcript: str = ""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["hops"] = [h.to_dict() if hasattr(h, "to_dict") else h for h in self.hops]
+        return d

@@ -53,3 +53,32 @@ class TinyImageEncoder:
             out.append(a / max(np.linalg.norm(a), 1e-9))
         self.encoded += len(items)
         return np.stack(out).astype(np.float32)
+
+
+class ScriptedGenerator:
+    """Replays scripted policy turns, honouring stop sequences the way real backends do; records prompts."""
+
+    id = "scripted"
+    n_ctx = 100_000
+
+    def __init__(self, replies):
+        self.replies = list(replies)
+        self.prompts = []
+
+    def render(self, messages) -> str:
+        from mmhops_lite.grammar import render_chatml
+
+        return render_chatml(messages)
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def generate(self, prompt, stop, max_tokens=256, temperature=0.0, seed=None):
+        from mmhops_lite.backends.base import Generation
+
+        self.prompts.append(prompt)
+        text = self.replies.pop(0) if self.replies else ""
+        cut = [text.find(s) for s in stop if s in text]
+        if cut:
+            text = text[: min(cut)]
+        return Generation(text, len(prompt.split()), len(prompt.split()), len(text.split()), 0.0)

@@ -1,0 +1,66 @@
+"""The Generator protocol every policy backend implements, and the name registry with lazy imports."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One completion: its text and what it cost."""
+
+    text: str
+    prompt_tokens: int
+    evaluated_tokens: int  # prompt tokens actually run (the rest came from the KV cache)
+    completion_tokens: int
+    seconds: float
+    finish: str = "stop"  # stop | length | eos
+
+
+class Generator(Protocol):
+    """A policy runtime: renders chat prompts and continues them until a stop sequence."""
+
+    id: str
+    n_ctx: int
+
+    def render(self, messages: Sequence[dict]) -> str: ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def generate(self, prompt: str, stop: Sequence[str], max_tokens: int = 256, temperature: float = 0.0,
+                 seed: int | None = None) -> Generation: ...
+
+
+BACKENDS = {
+    "llamacpp": ("mmhops_lite.backends.llamacpp", "LlamaCppGenerator"),
+    "torch": ("mmhops_lite.backends.torch_backend", "TorchGenerator"),
+}
+
+
+def get_generator(backend: str, model: str, **kwargs) -> Generator:
+    """Build a generator by backend name ('llamacpp', 'torch') for a registry name or local path."""
+    import importlib
+
+    from ..registry import resolve
+
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend '{backend}'", fix=f"use one of: {', '.join(BACKENDS)}")
+    module, cls = BACKENDS[backend]
+    path = resolve(model, "policy")
+    return getattr(importlib.import_module(module), cls)(path, **kwargs)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the shared prefix of two token lists.
+
+    >>> common_prefix([1, 2, 3], [1, 2, 4, 5])
+    2
+    """
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

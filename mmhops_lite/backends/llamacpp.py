@@ -1,0 +1,76 @@
+"""llama-cpp-python backend (the default): a GGUF policy, optional GGUF LoRA adapter, KV cache kept across turns."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import InputError, ModelNotFound, require
+from ..grammar import render_template
+from ..paths import free_cores
+from .base import Generation, common_prefix
+
+
+class LlamaCppGenerator:
+    """Generator over llama.cpp. Successive prompts that extend the previous one only evaluate the new tokens."""
+
+    def __init__(self, model_path: str | Path, n_ctx: int = 4096, threads: int = 0, lora_path: str | Path | None = None,
+                 seed: int = 0, **_ignored):
+        llama_cpp = require("llama_cpp", "all")
+        path = Path(model_path)
+        if path.is_dir():
+            ggufs = sorted(path.glob("*.gguf"))
+            if not ggufs:
+                raise ModelNotFound(f"{path} holds no .gguf file", path=path,
+                                    fix="use --backend torch for a Hugging Face folder, or pass a .gguf file")
+            path = ggufs[0]
+        if path.suffix != ".gguf":
+            raise ModelNotFound(f"{path} is not a GGUF file", path=path,
+                                fix="use --backend torch for Hugging Face models, or export one: mmhops-lite export --gguf")
+        n = threads or free_cores()
+        try:
+            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n, n_threads_batch=n,
+                                       lora_path=str(lora_path) if lora_path else None, seed=seed, verbose=False)
+        except (ValueError, RuntimeError) as exc:
+            raise ModelNotFound(f"llama.cpp cannot load {path}: {exc}", path=path,
+                                fix="check the file is a complete GGUF (mmhops-lite models verify)") from exc
+        self.id = path.name + (f"+{Path(lora_path).name}" if lora_path else "")
+        self.n_ctx = n_ctx
+        meta = self.llm.metadata
+        self.template = meta.get("tokenizer.chat_template")
+        self.add_bos = meta.get("tokenizer.ggml.add_bos_token", "false") == "true"
+        self._bos = self._piece(self.llm.token_bos())
+        self._eos = self._piece(self.llm.token_eos())
+
+    def _piece(self, tok: int) -> str:
+        if tok < 0:
+            return ""
+        return self.llm.detokenize([tok], special=True).decode("utf-8", errors="ignore")
+
+    def render(self, messages: Sequence[dict]) -> str:
+        """The chat template of the GGUF, assistant turn opened."""
+        return render_template(self.template, messages, self._bos, self._eos)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=self.add_bos, special=True)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+    def generate(self, prompt: str, stop: Sequence[str], max_tokens: int = 256, temperature: float = 0.0,
+                 seed: int | None = None) -> Generation:
+        """Continue the prompt; llama-cpp-python reuses the cached prefix, we count what it had to evaluate."""
+        toks = self.tokenize(prompt)
+        if len(toks) + 1 >= self.n_ctx:
+            raise InputError(f"the prompt ({len(toks)} tokens) fills the context window ({self.n_ctx})",
+                             fix="raise model.n_ctx or lower loop.info_tokens / loop.max_turns")
+        # Same rule as llama-cpp-python's own prefix match: at least one token is always re-evaluated.
+        cached = min(common_prefix(self.llm._input_ids.tolist(), toks), len(toks) - 1)
+        t0 = time.perf_counter()
+        out = self.llm.create_completion(toks, max_tokens=min(max_tokens, self.n_ctx - len(toks) - 1),
+                                         stop=list(stop), temperature=temperature, top_p=1.0, top_k=0 if temperature else 1,
+                                         seed=seed, echo=False)
+        dt = time.perf_counter() - t0
+        ch = out["choices"][0]
+        return Generation(ch["text"], len(toks), len(toks) - cached, out["usage"]["completion_tokens"], dt,
+                          ch.get("finish_reason") or "stop")

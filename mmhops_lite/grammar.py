@@ -1,0 +1,153 @@
+"""The tag grammar shared by the loop and the trainer: prompts, action parsing, stop sequences, escaping."""
+from __future__ import annotations
+
+import re
+from typing import Callable, Sequence
+
+from .types import Action
+
+GRAMMAR_VERSION = 1
+ACTION_TAGS = ("image_search", "text_search", "answer")
+# Generation stops right after an action closes: the loop then acts on it.
+STOP = tuple(f"</{t}>" for t in ACTION_TAGS)
+
+SYSTEM = (
+    "You answer questions about images by searching a knowledge base. Each turn, think briefly inside "
+    "<think>...</think>, then do exactly one action:\n"
+    "<image_search>N</image_search> finds the entity shown in input image N;\n"
+    "<text_search>query</text_search> searches text passages;\n"
+    "<answer>short answer</answer> gives the final answer and ends.\n"
+    "Search results come back inside <information>...</information>. Answer with a short name, number or date."
+)
+
+CORRECTION = ("Your last turn had no valid action. Reply with <think>...</think> and then exactly one of "
+              "<image_search>N</image_search>, <text_search>query</text_search> or <answer>...</answer>.")
+
+_ESC = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+_ACTION_RE = re.compile(r"<(image_search|text_search|answer)>(.*?)</\1>", re.S)
+_THINK_RE = re.compile(r"<think>(.*?)</think>", re.S)
+
+
+def escape(text: str) -> str:
+    """Escape retrieved or perceived text so a tag inside it can never act as one.
+
+    >>> escape("a <answer>x</answer> & b")
+    'a &lt;answer&gt;x&lt;/answer&gt; &amp; b'
+    """
+    return "".join(_ESC.get(c, c) for c in text)
+
+
+def image_block(n: int, perception: str) -> str:
+    """How input image n is shown to the policy.
+
+    >>> image_block(1, "labels: tower")
+    '<image n="1">labels: tower</image>'
+    """
+    return f'<image n="{n}">{escape(perception)}</image>'
+
+
+def user_message(question: str, perceptions: Sequence[str]) -> str:
+    """The user turn: every input image as perception text, then the question."""
+    blocks = "\n".join(image_block(i, p) for i, p in enumerate(perceptions, 1))
+    q = question.replace("<image>", "").strip()
+    return f"{blocks}\nQuestion: {escape(q)}" if blocks else f"Question: {escape(q)}"
+
+
+def messages(question: str, perceptions: Sequence[str]) -> list[dict]:
+    """Chat messages of an episode's opening (system + user)."""
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user_message(question, perceptions)}]
+
+
+def information(lines: Sequence[str]) -> str:
+    """An <information> block written by the loop (already escaped), on its own lines."""
+    body = "\n".join(lines) if lines else "no results"
+    return f"\n<information>\n{body}\n</information>\n"
+
+
+def close_action(text: str) -> str:
+    """Re-append the closing tag a stop sequence cut off, so the turn parses.
+
+    >>> close_action("<think>x</think><text_search>Paris")
+    '<think>x</think><text_search>Paris</text_search>'
+    """
+    opened = [(m.start(), m.group(1)) for m in re.finditer(r"<(image_search|text_search|answer)>", text)]
+    if not opened:
+        return text
+    _, tag = opened[-1]
+    tail = text[opened[-1][0]:]
+    return text if f"</{tag}>" in tail else text + f"</{tag}>"
+
+
+def parse_action(text: str, n_images: int) -> Action:
+    """The single action of one policy turn, or an `invalid` action saying why.
+
+    >>> parse_action("<think>find it</think><image_search>2</image_search>", 2).argument
+    '2'
+    >>> parse_action("<text_search>  Gustave Eiffel birthplace </text_search>", 1).argument
+    'Gustave Eiffel birthplace'
+    >>> parse_action("<image_search>3</image_search>", 2).kind
+    'invalid'
+    >>> parse_action("I think it is Paris.", 1).kind
+    'invalid'
+    """
+    think = "\n".join(t.strip() for t in _THINK_RE.findall(text))
+    if "<information>" in text:
+        return Action("invalid", "the policy wrote an <information> block", think, text)
+    found = _ACTION_RE.findall(text)
+    if not found:
+        return Action("invalid", "no complete action tag", think, text)
+    if len(found) > 1:
+        return Action("invalid", "more than one action in one turn", think, text)
+    kind, arg = found[0][0], " ".join(found[0][1].split())
+    if kind == "image_search":
+        if not arg.isdigit() or not 1 <= int(arg) <= max(n_images, 0):
+            return Action("invalid", f"image_search needs an image number 1..{n_images}, got {arg!r}", think, text)
+    elif not arg:
+        return Action("invalid", f"empty <{kind}>", think, text)
+    return Action(kind, arg, think, text)
+
+
+def trim_to_tokens(text: str, budget: int, count: Callable[[str], int]) -> str:
+    """Cut text to at most `budget` tokens (by `count`), ending with an ellipsis when cut.
+
+    >>> trim_to_tokens("one two three four", 2, lambda s: len(s.split()))
+    'one two…'
+    """
+    if budget <= 0:
+        return ""
+    if count(text) <= budget:
+        return text
+    lo, hi = 0, len(text)
+    while lo < hi:  # longest prefix that fits, by bisection on characters
+        mid = (lo + hi + 1) // 2
+        if count(text[:mid] + "…") <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo].rstrip() + "…"
+
+
+def render_chatml(msgs: Sequence[dict]) -> str:
+    """Fallback chat template (ChatML) for models whose template cannot be read.
+
+    >>> render_chatml([{"role": "user", "content": "hi"}])
+    '<|im_start|>user\\nhi<|im_end|>\\n<|im_start|>assistant\\n'
+    """
+    out = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs)
+    return out + "<|im_start|>assistant\n"
+
+
+def render_template(template: str | None, msgs: Sequence[dict], bos: str = "", eos: str = "") -> str:
+    """Render chat messages with a model's Jinja chat template, opening the assistant turn."""
+    if not template:
+        return render_chatml(msgs)
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(msg):
+        raise jinja2.TemplateError(msg)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(messages=list(msgs), add_generation_prompt=True,
+                                            bos_token=bos, eos_token=eos)
