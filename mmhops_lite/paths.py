@@ -32,3 +32,20 @@ def free_cores() -> int:
     except OSError:  # pragma: no cover - not on every platform
         return n
     return max(1, min(n, round(n - load1 + 0.5)))
+
+
+LLAMA_CPP_VERSION = "0.3.36"
+
+
+def llama_cpp_source() -> Path:
+    """llama.cpp's converter scripts and gguf-py, unpacked from llama-cpp-python's source package by setup."""
+    from .errors import MissingDependency
+
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    candidates = [os.environ.get("MMHOPS_LLAMA_CPP_SRC"), str(home() / f"llama.cpp-{LLAMA_CPP_VERSION}"),
+                  str(Path(base) / "mmhops-lite" / f"llama.cpp-{LLAMA_CPP_VERSION}")]
+    for c in candidates:
+        if c and (Path(c) / "convert_hf_to_gguf.py").is_file():
+            return Path(c)
+    raise MissingDependency("llama.cpp's GGUF converter is not unpacked (it ships only in llama-cpp-python's "
+                            "source package)", fix="run: bash scripts/setup.sh")

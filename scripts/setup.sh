@@ -32,6 +32,18 @@ if ! ls "$CACHE/wheels"/llama_cpp_python-"$LLAMA_VERSION"-*.whl >/dev/null 2>&1;
   CMAKE_ARGS="-DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
     "$PY" -m pip wheel -q --no-deps -w "$CACHE/wheels" "$CACHE/src/llama_cpp_python-$LLAMA_VERSION.tar.gz"
 fi
+# The wheel carries no GGUF converter; the source package does (with the gguf-py it needs): unpack that part.
+CONVERT="$CACHE/llama.cpp-$LLAMA_VERSION"
+if [ ! -f "$CONVERT/convert_hf_to_gguf.py" ]; then
+  if ! ls "$CACHE/src"/llama_cpp_python-"$LLAMA_VERSION".tar.gz >/dev/null 2>&1; then
+    "$PY" -m pip download -q --no-binary :all: --no-deps "llama-cpp-python==$LLAMA_VERSION" -d "$CACHE/src"
+  fi
+  tmp=$(mktemp -d)
+  tar xzf "$CACHE/src/llama_cpp_python-$LLAMA_VERSION.tar.gz" -C "$tmp" \
+    --wildcards "*/vendor/llama.cpp/convert_*.py" "*/vendor/llama.cpp/conversion/*" "*/vendor/llama.cpp/gguf-py/*"
+  rm -rf "$CONVERT.partial" "$CONVERT" && mv "$tmp/llama_cpp_python-$LLAMA_VERSION/vendor/llama.cpp" "$CONVERT.partial"
+  mv "$CONVERT.partial" "$CONVERT" && rm -rf "$tmp"
+fi
 pip_ --no-deps "$(ls "$CACHE/wheels"/llama_cpp_python-"$LLAMA_VERSION"-*.whl | head -n 1)"
 
 echo "[setup] mmhops-lite and its dependencies"
