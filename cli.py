@@ -198,25 +198,154 @@ def kb_demo(out: Path = typer.Option(..., "-o", "--out", help="Folder to write t
 
 
 @app.command("demo")
-def demo(quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars.")):
-    """The main job on the embedded defaults: build the demo KB and index (once, under MMHOPS_HOME),
-    then run a text search and an image search over it.
+def demo(quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
+         as_json: bool = typer.Option(False, "--json", help="Print the trace as JSON.")):
+    """The main job on the embedded defaults: build the demo KB and index (once, under MMHOPS_HOME), then
+    answer a multi-hop question about a demo image with a visible trace.
 
     [bold]Example[/bold]: mmhops-lite demo
     """
     cfg = _run(_cfg)
     idx_path = _run(api.ensure_demo_index, cfg, progress=not quiet)
-    kb_dir, _ = api.demo_paths()
-    console.rule("index")
-    console.print(f"{idx_path}  {api.index_info(idx_path, cfg)['counts']}")
-    query = "capital city of France"
-    console.rule(f"text search: {query!r}")
-    _print_hits(_run(api.search, idx_path, cfg, text=query, k=3), False)
-    images = [json.loads(x) for x in (kb_dir / "images.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
-    if images:
-        sample = kb_dir / images[len(images) // 2]["path"]
-        console.rule(f"image search: {sample.name} ({images[len(images) // 2]['title']})")
-        _print_hits(_run(api.search, idx_path, cfg, image=sample, k=3), False)
+    image, question = _run(api.demo_question, cfg)
+    if not as_json:
+        console.rule(f"mmhops-lite ask {image} {question!r}")
+    tr = _run(api.ask, [image], question, cfg, idx_path, on_event=None if as_json else _render_event)
+    if as_json:
+        print(json.dumps(tr.to_dict(), ensure_ascii=False, indent=2))
+    elif tr.answer is None:
+        console.print("[bold red]no answer[/bold red] within the turn budget")
+    else:
+        console.print(f"\n[bold green]answer:[/bold green] {escape(tr.answer)}", highlight=False)
+        for e in tr.evidence:
+            console.print(f"  evidence: {escape(e['title'])} [dim]({e['id']})[/dim]", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------- ask, eval, data
+data_app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich", help="Question files: synthesise from a KB.")
+app.add_typer(data_app, name="data")
+
+
+def _render_event(kind: str, payload) -> None:
+    """Show the trace as it happens: perception, each hop with what came back, then the answer."""
+    if kind == "perception":
+        for i, p in enumerate(payload, 1):
+            console.print(f"[bold cyan]image {i}[/bold cyan] {escape(p.text)}", highlight=False)
+    elif kind == "hop":
+        h = payload
+        style = {"image_search": "magenta", "text_search": "blue", "answer": "green", "invalid": "red"}[h.action]
+        cost = f"[dim]{h.seconds:.2f}s, {h.tokens_evaluated} tok in, {h.tokens_generated} out[/dim]"
+        if h.think:
+            console.print(f"  [dim]think: {escape(h.think[:200])}[/dim]", highlight=False)
+        console.print(f"[bold {style}]{h.action}[/bold {style}] {escape(h.argument)}  {cost}", highlight=False)
+        for r in h.results:
+            console.print(f"    {r['score']:.3f}  {escape(r['title'])}  [dim]{r['id']}[/dim]", highlight=False)
+
+
+@app.command("ask", context_settings={"allow_extra_args": False})
+def ask(
+    args: List[str] = typer.Argument(..., metavar="IMAGE... QUESTION",
+                                     help="Zero or more images, then the question (quote it)."),
+    index: Optional[Path] = typer.Option(None, "--index", help="Index folder (default: the demo index, built on "
+                                                               "first use)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Policy: registry name, .gguf file or HF folder."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="llamacpp (default) or torch."),
+    max_turns: Optional[int] = typer.Option(None, "--max-turns", help="Turns before giving up (default 5)."),
+    no_ocr: bool = typer.Option(False, "--no-ocr", help="Skip reading text in the images."),
+    as_json: bool = typer.Option(False, "--json", help="Print the trace as JSON (DESIGN.md's format) only."),
+):
+    """Answer a question about one or more images by searching the index, turn by turn, with a visible trace.
+
+    [bold]Examples[/bold]:
+      mmhops-lite ask photo.jpg "The architect of this building was born in which city?"
+      mmhops-lite ask a.jpg b.jpg "Which of these two countries has the larger population?"
+      mmhops-lite ask flag.png "What is the capital of this country?" --model qwen2.5-coder-0.5b-instruct --json
+    """
+    if len(args) < 1:
+        raise typer.BadParameter("give the question as the last argument")
+    images, question = args[:-1], args[-1]
+    cfg = _run(_cfg, **{"model.policy": model, "model.backend": backend, "loop.max_turns": max_turns,
+                        "encoders.ocr": False if no_ocr else None})
+    tr = _run(api.ask, images, question, cfg, index, on_event=None if as_json else _render_event,
+              progress=not as_json)
+    if as_json:
+        print(json.dumps(tr.to_dict(), ensure_ascii=False, indent=2))
+        return
+    if tr.answer is None:
+        console.print("[bold red]no answer[/bold red] within the turn budget")
+    else:
+        console.print(f"\n[bold green]answer:[/bold green] {escape(tr.answer)}", highlight=False)
+        for e in tr.evidence:
+            console.print(f"  evidence: {escape(e['title'])} [dim]({e['id']}, {e['score']:.3f})[/dim]", highlight=False)
+    t = tr.timings
+    console.print(f"[dim]{len(tr.hops)} turns, {tr.tokens['evaluated']} tokens evaluated, {tr.tokens['generated']} "
+                  f"generated; loop {t['total_s']:.2f}s, perception {t.get('perception_s', 0):.2f}s, "
+                  f"model load {t.get('model_load_s', 0):.2f}s[/dim]")
+
+
+@app.command("eval")
+def eval_cmd(
+    questions: Path = typer.Argument(..., help="Question file (MMhops schema, JSON lines)."),
+    index: Optional[Path] = typer.Option(None, "--index", help="Index folder (default: the demo index)."),
+    mode: str = typer.Option("agent", "--mode", help="agent (policy plans), pipeline (image search -> text search "
+                                                     "-> answer) or direct (no retrieval)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Policy: registry name, .gguf file or HF folder."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="llamacpp (default) or torch."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N questions."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Folder for summary, records and predictions."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+):
+    """Score a question file the way MMhops does: accuracy per split and type, turns, searches, seconds.
+
+    [bold]Examples[/bold]:
+      mmhops-lite eval dev.jsonl --mode agent -o runs/
+      mmhops-lite eval dev.jsonl --mode pipeline --model qwen2.5-coder-0.5b-instruct
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    cfg = _run(_cfg, **{"model.policy": model, "model.backend": backend})
+    state = {"n": 0, "ok": 0}
+    with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("acc {task.fields[acc]}"),
+                  TimeRemainingColumn(), console=err, disable=as_json) as bar:
+        task = bar.add_task("eval", total=limit, acc="-")
+
+        def tick(rec):
+            state["n"] += 1
+            state["ok"] += rec["correct"]
+            bar.update(task, advance=1, acc=f"{state['ok'] / state['n']:.3f}")
+
+        res = _run(api.run_eval, questions, cfg, mode, index, out, limit, on_result=tick)
+    if as_json:
+        print(json.dumps({k: v for k, v in res.items() if k != "records"}, indent=2))
+        return
+    t = Table(title=f"{questions.name}  mode={res['mode']}  model={res['model']}")
+    for col in ("group", "n", "accuracy", "answered", "turns", "searches", "s/question"):
+        t.add_column(col)
+    for name, row in res["summary"].items():
+        t.add_row(name, str(row["n"]), f"{row['accuracy']:.3f}", f"{row['answered']:.2f}", f"{row['turns']:.2f}",
+                  f"{row['searches']:.2f}", f"{row['seconds']:.2f}")
+    console.print(t)
+    if res.get("files"):
+        console.print(f"predictions (official evaluator format): {res['files']['predictions']}")
+
+
+@data_app.command("synth")
+def data_synth(
+    kb_dir: Path = typer.Argument(..., help="KB folder (passages, images, triples)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Folder to write train.jsonl, dev.jsonl and img/."),
+    dev_fraction: float = typer.Option(0.3, help="Share of image entities held out for dev."),
+    dev_per_template: int = typer.Option(30, help="Cap on dev questions per template (0 = no cap)."),
+    seed: int = typer.Option(0, help="Random seed."),
+):
+    """Synthesise Bridge (2-3 hops from an image entity) and Compare (two images) questions, with train/dev
+    splits whose image entities are disjoint.
+
+    [bold]Example[/bold]: mmhops-lite data synth ~/demo-kb -o ~/demo-questions
+    """
+    res = _run(api.synth_questions, kb_dir, out, dev_fraction, seed, dev_per_template or None)
+    console.print(f"[green]written[/green] {res['out']}: {res['counts']}")
+    for side, rows in res["by_template"].items():
+        console.print(f"  {side}: {rows}")
 
 
 # ---------------------------------------------------------------------------------------------- models, config

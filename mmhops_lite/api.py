@@ -98,3 +98,93 @@ def verify_models(names: list[str] | None = None) -> list:
     if unknown:
         raise InputError(f"unknown model(s): {', '.join(unknown)}", fix=f"known: {', '.join(specs)}")
     return [verify(specs[n]) for n in (names or specs)]
+
+
+def generator(cfg: Config, model: str | None = None, backend: str | None = None):
+    """The configured policy generator (llama.cpp by default)."""
+    from .backends.base import get_generator
+
+    return get_generator(backend or cfg.model.backend, model or cfg.model.policy, n_ctx=cfg.model.n_ctx,
+                         threads=cfg.model.threads)
+
+
+def resolve_index(cfg: Config, index: str | Path | None, progress: bool = True) -> Path:
+    """The index to use: the one given, else paths.index from config, else the demo index (built on first use)."""
+    if index:
+        return Path(index)
+    if cfg.paths.index:
+        return Path(cfg.paths.index)
+    return ensure_demo_index(cfg, progress=progress)
+
+
+def ask(images: list[str | Path], question: str, cfg: Config, index: str | Path | None = None, *,
+        on_event=None, gen=None, progress: bool = True):
+    """Full multi-hop retrieval-augmented reasoning over one question; returns the Trace."""
+    import time
+
+    from .loop import answer, perceive
+
+    for p in images:
+        if not Path(p).is_file():
+            raise InputError(f"image {p} does not exist", path=p, fix="check the path (JPEG or PNG)")
+    idx_path = resolve_index(cfg, index, progress)
+    t0 = time.perf_counter()
+    gen = gen or generator(cfg)
+    t_load = time.perf_counter() - t0
+    with open_index(idx_path, cfg) as idx:
+        t1 = time.perf_counter()
+        perc = perceive(images, idx.image_encoder, ocr=cfg.encoders.ocr)
+        t_perc = time.perf_counter() - t1
+        if on_event:
+            on_event("perception", perc)
+        tr = answer(question, gen, idx, cfg, perc, on_event=on_event)
+    from dataclasses import replace
+
+    return replace(tr, images=tuple(str(p) for p in images),
+                   timings={**tr.timings, "model_load_s": round(t_load, 3), "perception_s": round(t_perc, 3)},
+                   models={**tr.models, "text_encoder": cfg.encoders.text_model,
+                           "image_encoder": cfg.encoders.image_model, "backend": cfg.model.backend})
+
+
+def run_eval(questions_file: str | Path, cfg: Config, mode: str, index: str | Path | None = None,
+             out_dir: str | Path | None = None, limit: int | None = None, on_result=None, gen=None) -> dict:
+    """Evaluate a question file in one mode; writes summary, records and predictions when out_dir is given."""
+    from .data.questions import load_questions
+    from .eval import MODES, evaluate, write_outputs
+
+    if mode not in MODES:
+        raise InputError(f"unknown mode '{mode}'", fix=f"use one of: {', '.join(MODES)}")
+    qs = load_questions(questions_file)
+    if limit:
+        qs = qs[:limit]
+    idx_path = resolve_index(cfg, index)
+    gen = gen or generator(cfg)
+    with open_index(idx_path, cfg) as idx:
+        result = evaluate(qs, gen, idx, idx.image_encoder, cfg, mode, on_result=on_result)
+    if out_dir:
+        result["files"] = write_outputs(result, out_dir)
+    return result
+
+
+def synth_questions(kb_dir: str | Path, out_dir: str | Path, dev_fraction: float = 0.3, seed: int = 0,
+                    max_dev_per_template: int | None = 30) -> dict:
+    """Synthesise train/dev question files from a KB folder."""
+    from .data.synth import synthesize
+
+    return synthesize(kb_dir, out_dir, dev_fraction=dev_fraction, seed=seed, max_dev_per_template=max_dev_per_template)
+
+
+def demo_question(cfg: Config) -> tuple[Path, str]:
+    """A demo image (a perturbed copy of a KB flag, never the indexed file) and a 2-hop question about it."""
+    import json
+    import random
+
+    from .data.synth import perturb
+
+    kb, _ = demo_paths()
+    images = [json.loads(x) for x in (kb / "images.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
+    pick = next((im for im in images if im["id"] == "flag:france"), images[0])
+    out = cache_dir("demo") / "ask" / "demo-flag.jpg"
+    if not out.is_file():
+        perturb(kb / pick["path"], out, random.Random(0))
+    return out, "What is the capital of the country whose flag is shown?"
