@@ -17,7 +17,14 @@ SYSTEM = (
     "<image_search>N</image_search> finds the entity shown in input image N;\n"
     "<text_search>query</text_search> searches text passages;\n"
     "<answer>short answer</answer> gives the final answer and ends.\n"
-    "Search results come back inside <information>...</information>. Answer with a short name, number or date."
+    "Search results come back inside <information>...</information>. Answer with a short name, number or date.\n"
+    "\nExample:\n"
+    '<image n="1">looks like: tower (0.60)</image>\nQuestion: Who designed the building shown?\n'
+    "<think>I must identify the building first.</think><image_search>1</image_search>\n"
+    "<information>\n[1] Eiffel Tower (image match 0.91): The Eiffel Tower is a lattice tower in Paris.\n</information>\n"
+    "<think>Now search for its designer.</think><text_search>Eiffel Tower designer</text_search>\n"
+    "<information>\n[1] Eiffel Tower: It was designed by the company of Gustave Eiffel.\n</information>\n"
+    "<think>The passage names the designer.</think><answer>Gustave Eiffel</answer>"
 )
 
 CORRECTION = ("Your last turn had no valid action. Reply with <think>...</think> and then exactly one of "
