@@ -42,3 +42,13 @@ def tiny_kb(tmp_path):
     for name, rows in (("passages", passages), ("images", images), ("triples", triples)):
         (kb / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return kb
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+    """A 2-layer random Llama GGUF with the packaged SmolLM2 tokenizer and chat template."""
+    from tiny_models import make_tiny_gguf
+
+    from mmhops_lite.registry import resolve
+
+    return make_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", resolve("smollm2-135m-instruct"))
