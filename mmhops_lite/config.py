@@ -60,7 +60,8 @@ class LoopConfig:
     """The multi-hop search/answer loop."""
 
     max_turns: int = _f(5, "turns before the episode ends unanswered")
-    top_k: int = _f(3, "hits shown to the policy per search")
+    top_k: int = _f(3, "hits shown to the policy per text search")
+    image_top_k: int = _f(1, "entities shown per image search (small policies get distracted by runners-up)")
     info_tokens: int = _f(400, "token budget of one <information> block")
     temperature: float = _f(0.0, "sampling temperature (0 = greedy)")
     max_new_tokens: int = _f(128, "tokens the policy may write in one turn")

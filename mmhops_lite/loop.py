@@ -77,7 +77,7 @@ class Searcher:
 
     def __call__(self, kind: str, arg: str, perceptions: Sequence[Perception]) -> tuple[list[str], list[dict]]:
         """Information lines for the policy and result records for the trace."""
-        k = self.cfg.loop.top_k
+        k = self.cfg.loop.image_top_k if kind == "image_search" else self.cfg.loop.top_k
         if kind == "image_search":
             key = (kind, arg, id(perceptions[int(arg) - 1]))
             if key not in self.cache:

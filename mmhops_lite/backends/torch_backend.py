@@ -1,0 +1,303 @@
+"""PyTorch/transformers backend: any Hugging Face causal LM or VLM folder, a GGUF (dequantised once), a PEFT LoRA.
+
+Slower than llama.cpp on CPU (see bench/bench_loop.py) but it runs what llama.cpp cannot: un-exported fine-tunes,
+PEFT adapters, VLM checkpoints. Like the llama.cpp backend it keeps one KV cache across calls, so a loop turn that
+extends the previous prompt only runs the new tokens.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import InputError, MissingDependency, ModelNotFound, require
+from ..grammar import render_chatml
+from ..paths import cache_dir, free_cores
+from .base import Generation, common_prefix
+
+# Image-text-to-text families we load with AutoModelForImageTextToText and drive as text generators.
+VLM_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "idefics2", "llava", "llava_next",
+                       "paligemma", "mistral3", "qwen3_vl"})
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _gguf_meta(path: Path) -> dict:
+    """The tokenizer metadata of a GGUF that transformers' tokenizer conversion gets wrong or drops."""
+    from gguf import GGUFReader, GGUFValueType
+
+    r = GGUFReader(str(path))
+    out = {}
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token"):
+        f = r.fields.get(key)
+        if f is None:
+            continue
+        val = f.parts[f.data[0]]
+        out[key.rsplit(".", 1)[1]] = bytes(val).decode() if f.types[0] == GGUFValueType.STRING else val.tolist()[0]
+    return out
+
+
+def tokenizer_from_gguf(path: str | Path):
+    """A transformers tokenizer read from a GGUF, with bos/eos/add_bos set from the GGUF's own metadata.
+
+    transformers' GGUF conversion (4.57) gets some of these wrong (SmolLM2: eos becomes <|im_start|>, add_bos
+    True where llama.cpp reads False), which would change both the tokens fed and where generation stops.
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    meta = _gguf_meta(path)
+    vocab = {i: t for t, i in tok.get_vocab().items()}
+    if "bos_token_id" in meta and meta["bos_token_id"] in vocab:
+        tok.bos_token = vocab[meta["bos_token_id"]]
+    if "eos_token_id" in meta and meta["eos_token_id"] in vocab:
+        tok.eos_token = vocab[meta["eos_token_id"]]
+    for flag in ("add_bos_token", "add_eos_token"):
+        if flag in meta and hasattr(tok, flag):
+            try:
+                setattr(tok, flag, bool(meta[flag]))
+            except (AttributeError, ValueError):  # pragma: no cover - tokenizer classes without the setter
+                pass
+    return tok
+
+
+def save_tokenizer(tok, folder: Path) -> None:
+    """Save a tokenizer, dropping the bogus `tokenizer.model` a GGUF-loaded tokenizer writes (a copy of the GGUF)."""
+    tok.save_pretrained(str(folder))
+    bogus = folder / "tokenizer.model"
+    if bogus.is_file() and (_is_bpe(tok) or bogus.read_bytes()[:4] == b"GGUF"):
+        bogus.unlink()  # fast tokenizers load from tokenizer.json; a wrong tokenizer.model would only mislead
+
+
+def _is_bpe(tok) -> bool:
+    backend = getattr(tok, "backend_tokenizer", None)
+    return backend is not None and type(backend.model).__name__ == "BPE"
+
+
+def hf_from_gguf(gguf: str | Path) -> Path:
+    """Dequantise a GGUF into a Hugging Face checkpoint once; later calls return the cached folder."""
+    from ..registry import sha256_file
+
+    gguf = Path(gguf)
+    key = f"{gguf.stem}-{sha256_file(gguf)[:12]}"
+    out = cache_dir("hf-from-gguf", key)
+    if (out / "config.json").is_file() and (out / "mmhops-source.json").is_file():
+        return out
+    torch = require("torch", "all")
+    from transformers import AutoModelForCausalLM
+
+    tmp = out.parent / f".{key}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        except (ValueError, KeyError, RuntimeError, OSError) as exc:
+            raise ModelNotFound(f"transformers cannot read {gguf}: {exc}", path=gguf,
+                                fix="use --backend llamacpp for this GGUF, or pass the Hugging Face folder") from exc
+        # A GGUF-loaded model carries a quantizer marker that save_pretrained refuses; the weights are plain now.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        save_tokenizer(tokenizer_from_gguf(gguf), tmp)
+        (tmp / "mmhops-source.json").write_text(json.dumps({"gguf": str(gguf.resolve()), "key": key}))
+        del model
+        shutil.rmtree(out, ignore_errors=True)  # cache_dir created it empty; os.replace needs it absent or empty
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _model_folder(path: Path) -> Path:
+    """A Hugging Face folder for a folder or GGUF path (GGUFs are converted and cached)."""
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path
+        ggufs = sorted(path.glob("*.gguf"))
+        if ggufs:
+            return hf_from_gguf(ggufs[0])
+        raise ModelNotFound(f"{path} holds neither config.json nor a .gguf file", path=path,
+                            fix="pass a Hugging Face model folder or a .gguf file")
+    if path.is_file() and path.suffix == ".gguf":
+        return hf_from_gguf(path)
+    if not path.exists():
+        raise ModelNotFound(f"{path} does not exist", path=path, fix="check the path, or use a registry name")
+    raise ModelNotFound(f"{path} is neither a Hugging Face folder nor a .gguf file", path=path,
+                        fix="pass a folder with config.json, or a .gguf file")
+
+
+class TorchGenerator:
+    """Generator over transformers on CPU; successive prompts that extend the previous one reuse the KV cache."""
+
+    def __init__(self, model_path: str | Path, n_ctx: int = 4096, threads: int = 0, adapter: str | Path | None = None,
+                 dtype: str = "float32", **_ignored):
+        torch = require("torch", "all")
+        transformers = require("transformers", "all")
+        from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                            MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+        if dtype not in _DTYPES:
+            raise InputError(f"unknown dtype '{dtype}'", fix=f"use one of: {', '.join(_DTYPES)}")
+        self.torch = torch
+        torch.set_num_threads(threads or free_cores())
+        src = Path(os.path.expanduser(str(model_path)))
+        folder = _model_folder(src)
+        try:
+            config = transformers.AutoConfig.from_pretrained(str(folder))
+        except (ValueError, OSError, KeyError) as exc:
+            raise ModelNotFound(f"cannot read the model config in {folder}: {exc}", path=folder,
+                                fix="check config.json; the model type may need a newer transformers") from exc
+        mtype = config.model_type
+        self.is_vlm = mtype in VLM_TYPES or (mtype in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+                                             and mtype not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+        auto = transformers.AutoModelForImageTextToText if self.is_vlm else transformers.AutoModelForCausalLM
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+            self.model = auto.from_pretrained(str(folder), dtype=getattr(torch, dtype))
+        except (ValueError, OSError, KeyError, RuntimeError) as exc:
+            raise ModelNotFound(f"transformers cannot load {folder} as a {'VLM' if self.is_vlm else 'causal LM'}: "
+                                f"{exc}", path=folder, fix="pass a text-generation model folder (config.json, "
+                                "weights and tokenizer files)") from exc
+        self.template = self.tokenizer.chat_template
+        if self.is_vlm and not self.template:
+            try:  # VLM checkpoints often keep the chat template on the processor only
+                self.template = transformers.AutoProcessor.from_pretrained(str(folder)).chat_template
+            except (ValueError, OSError, KeyError, TypeError):
+                self.template = None
+        if adapter:
+            self.model = self._apply_adapter(Path(adapter))
+        self.model.eval()
+        self.id = (src.name if src.suffix == ".gguf" else folder.name) + (f"+{Path(adapter).name}" if adapter else "")
+        self.n_ctx = n_ctx
+        self.add_bos = bool(getattr(self.tokenizer, "add_bos_token", False)) and self.tokenizer.bos_token_id is not None
+        self.eos_ids = self._eos_ids()
+        import inspect
+
+        self._keep_arg = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self._cache = None
+        self._cached_ids: list[int] = []
+
+    def _apply_adapter(self, adapter: Path):
+        if not (adapter / "adapter_config.json").is_file():
+            raise ModelNotFound(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)", path=adapter,
+                                fix="pass the folder written by `mmhops-lite train` (a .gguf adapter needs "
+                                    "--backend llamacpp)")
+        peft = require("peft", "train")
+        try:
+            merged = peft.PeftModel.from_pretrained(self.model, str(adapter))
+        except (ValueError, KeyError, RuntimeError, OSError) as exc:
+            raise ModelNotFound(f"the adapter {adapter} does not fit this base model: {exc}", path=adapter,
+                                fix="pass the base model the adapter was trained on") from exc
+        return merged.merge_and_unload()  # merged weights: inference runs at base-model speed
+
+    def _eos_ids(self) -> frozenset:
+        ids = set()
+        for src in (getattr(self.model, "generation_config", None), self.model.config, self.tokenizer):
+            e = getattr(src, "eos_token_id", None) if src is not None else None
+            ids.update(e if isinstance(e, (list, tuple)) else [e] if e is not None else [])
+        return frozenset(int(i) for i in ids)
+
+    def render(self, messages: Sequence[dict]) -> str:
+        """The model's chat template (ChatML when it has none), assistant turn opened."""
+        if not self.template:
+            return render_chatml(messages)
+        msgs = list(messages)
+        if self.is_vlm:  # VLM templates iterate over content parts
+            msgs = [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str)
+                    else m for m in msgs]
+        return self.tokenizer.apply_chat_template(msgs, chat_template=self.template, tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Prompt tokens: special tokens in the text are parsed; BOS only where the tokenizer asks and it is absent."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if self.add_bos and (not ids or ids[0] != self.tokenizer.bos_token_id):
+            ids = [self.tokenizer.bos_token_id] + ids
+        return ids
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _forward(self, ids: list[int], start: int):
+        """Run `ids` at positions start.. through the model, extending the cache; the last position's logits."""
+        torch = self.torch
+        kw = {"logits_to_keep": 1} if self._keep_arg else {}
+        out = self.model(input_ids=torch.tensor([ids]), past_key_values=self._cache, use_cache=True,
+                         cache_position=torch.arange(start, start + len(ids)), **kw)
+        self._cache = out.past_key_values
+        self._cached_ids.extend(ids)
+        return out.logits[0, -1].float()
+
+    def _prefill(self, ids: list[int]):
+        """Reuse the cached prefix of `ids` (always re-running at least the last token); return logits, count run."""
+        from transformers import DynamicCache
+
+        keep = min(common_prefix(self._cached_ids, ids), len(ids) - 1)
+        if self._cache is not None and keep > 0:
+            try:
+                self._cache.crop(keep)
+                self._cached_ids = self._cached_ids[:keep]
+            except (ValueError, NotImplementedError, AttributeError):  # e.g. sliding-window layers: start over
+                keep = 0
+        if self._cache is None or keep == 0:
+            keep, self._cache, self._cached_ids = 0, DynamicCache(), []
+        try:
+            return self._forward(ids[keep:], keep), len(ids) - keep
+        except BaseException:
+            self._cache, self._cached_ids = None, []  # a half-updated cache must never be reused
+            raise
+
+    def generate(self, prompt: str, stop: Sequence[str], max_tokens: int = 256, temperature: float = 0.0,
+                 seed: int | None = None) -> Generation:
+        """Continue the prompt token by token until a stop string (cut from the text), EOS or max_tokens."""
+        torch = self.torch
+        ids = self.tokenize(prompt)
+        if not ids:
+            raise InputError("the prompt is empty", fix="render the chat messages first (generator.render)")
+        if len(ids) + 1 >= self.n_ctx:
+            raise InputError(f"the prompt ({len(ids)} tokens) fills the context window ({self.n_ctx})",
+                             fix="raise model.n_ctx or lower loop.info_tokens / loop.max_turns")
+        budget = min(max_tokens, self.n_ctx - len(ids) - 1)
+        rng = None
+        if temperature > 0:
+            rng = torch.Generator().manual_seed(int(seed) if seed is not None else int(time.time_ns() % 2**63))
+        t0 = time.perf_counter()
+        out: list[int] = []
+        text, finish = "", "length"
+        with torch.inference_mode():
+            logits, evaluated = self._prefill(ids)
+            while len(out) < budget:
+                if rng is None:
+                    tok = int(torch.argmax(logits))
+                else:
+                    probs = torch.softmax(logits / temperature, dim=-1)
+                    tok = int(torch.multinomial(probs, 1, generator=rng))
+                if tok in self.eos_ids:
+                    finish = "eos"
+                    break
+                out.append(tok)
+                text = self.tokenizer.decode(out, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                cut = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+                if cut:
+                    text, finish = text[: min(cut)], "stop"
+                    break
+                if len(out) >= budget:
+                    break
+                try:
+                    logits = self._forward([tok], len(self._cached_ids))
+                except BaseException:
+                    self._cache, self._cached_ids = None, []
+                    raise
+        return Generation(text, len(ids), evaluated, len(out), time.perf_counter() - t0, finish)
+
+    def reset(self) -> None:
+        """Forget the KV cache (the next call evaluates its whole prompt)."""
+        self._cache, self._cached_ids = None, []
+
+
+__all__ = ["TorchGenerator", "hf_from_gguf", "tokenizer_from_gguf", "save_tokenizer", "MissingDependency"]
