@@ -1,0 +1,1 @@
+"""Training the policy: gold trajectories and SFT warm start, GRPO + LoRA on the loop's own rollouts."""
