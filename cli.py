@@ -249,6 +249,8 @@ def ask(
     index: Optional[Path] = typer.Option(None, "--index", help="Index folder (default: the demo index, built on "
                                                                "first use)."),
     model: Optional[str] = typer.Option(None, "--model", help="Policy: registry name, .gguf file or HF folder."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="LoRA adapter: a train run folder, PEFT folder "
+                                                                  "or .gguf adapter."),
     backend: Optional[str] = typer.Option(None, "--backend", help="llamacpp (default) or torch."),
     max_turns: Optional[int] = typer.Option(None, "--max-turns", help="Turns before giving up (default 5)."),
     no_ocr: bool = typer.Option(False, "--no-ocr", help="Skip reading text in the images."),
@@ -265,6 +267,7 @@ def ask(
         raise typer.BadParameter("give the question as the last argument")
     images, question = args[:-1], args[-1]
     cfg = _run(_cfg, **{"model.policy": model, "model.backend": backend, "loop.max_turns": max_turns,
+                        "model.adapter": adapter,
                         "encoders.ocr": False if no_ocr else None})
     tr = _run(api.ask, images, question, cfg, index, on_event=None if as_json else _render_event,
               progress=not as_json)
@@ -290,6 +293,8 @@ def eval_cmd(
     mode: str = typer.Option("agent", "--mode", help="agent (policy plans), pipeline (image search -> text search "
                                                      "-> answer) or direct (no retrieval)."),
     model: Optional[str] = typer.Option(None, "--model", help="Policy: registry name, .gguf file or HF folder."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="LoRA adapter: a train run folder, PEFT folder "
+                                                                  "or .gguf adapter."),
     backend: Optional[str] = typer.Option(None, "--backend", help="llamacpp (default) or torch."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N questions."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Folder for summary, records and predictions."),
@@ -303,7 +308,7 @@ def eval_cmd(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    cfg = _run(_cfg, **{"model.policy": model, "model.backend": backend})
+    cfg = _run(_cfg, **{"model.policy": model, "model.backend": backend, "model.adapter": adapter})
     state = {"n": 0, "ok": 0}
     with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("acc {task.fields[acc]}"),
                   TimeRemainingColumn(), console=err, disable=as_json) as bar:
@@ -346,6 +351,65 @@ def data_synth(
     console.print(f"[green]written[/green] {res['out']}: {res['counts']}")
     for side, rows in res["by_template"].items():
         console.print(f"  {side}: {rows}")
+
+
+@app.command("train")
+def train_cmd(
+    questions: Optional[Path] = typer.Argument(None, help="Training questions (default: the demo train split)."),
+    lora: bool = typer.Option(True, "--lora/--full", help="Train a LoRA adapter (full fine-tuning is not offered)."),
+    sft: bool = typer.Option(True, "--sft/--no-sft", help="Warm start on gold trajectories (image search -> text "
+                                                          "search -> answer) before RL."),
+    index: Optional[Path] = typer.Option(None, "--index", help="Index the rollouts search (default: demo index)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Base policy: registry name, .gguf or HF folder."),
+    out: Path = typer.Option(Path("runs/train"), "-o", "--out", help="Run folder: checkpoints, logs, adapter. "
+                                                                    "Re-running resumes it."),
+    rank: int = typer.Option(16, "--rank", help="LoRA rank."),
+    alpha: int = typer.Option(32, "--alpha", help="LoRA alpha."),
+    targets: str = typer.Option("all-linear", "--targets", help="LoRA target modules, e.g. q_proj,v_proj."),
+    sft_examples: int = typer.Option(240, "--sft-examples", help="Gold trajectories for the warm start."),
+    sft_epochs: int = typer.Option(1, "--sft-epochs", help="Passes over the gold trajectories."),
+    lr: float = typer.Option(2e-4, "--lr", help="Learning rate."),
+    seed: int = typer.Option(0, "--seed", help="Seed for data order."),
+):
+    """Train the policy with LoRA on multi-hop questions over your index, resumable across sittings.
+
+    [bold]Examples[/bold]:
+      mmhops-lite train --lora                                  # demo train split, default policy
+      mmhops-lite train q/train.jsonl --index idx/ --lora --sft -o runs/mine
+    """
+    from mmhops_lite.train.policy import LoraSpec
+    from mmhops_lite.train.sft import SFTConfig
+
+    if not lora:
+        err.print("[bold red]\\[error][/bold red] only LoRA training is offered (use --lora)")
+        raise typer.Exit(1)
+    cfg = _run(_cfg, **{"model.policy": model})
+    if questions is None:
+        questions = api.demo_paths()[0].parent / "questions" / "train.jsonl"
+        if not questions.is_file():
+            _run(api.ensure_demo_index, cfg)
+            _run(api.synth_questions, api.demo_paths()[0], questions.parent)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err) as bar:
+        tasks: dict = {}
+
+        def on_event(kind, p):
+            if kind == "gold":
+                tasks.setdefault("gold", bar.add_task("gold trajectories", total=p["total"], info=""))
+                bar.update(tasks["gold"], completed=p["n"])
+            elif kind == "step":
+                tasks.setdefault("sft", bar.add_task(p["phase"], total=p["of"], info=""))
+                bar.update(tasks["sft"], completed=p["step"], info=f"loss {p['loss']:.3f} {p['seconds']:.1f}s/step")
+
+        res = _run(api.train_policy, questions, cfg, out, index, model=model,
+                   lora=LoraSpec(rank, alpha, 0.0, targets),
+                   sft=SFTConfig(epochs=sft_epochs, lr=lr, max_examples=sft_examples, seed=seed) if sft else None,
+                   on_event=on_event)
+    console.print(f"[green]adapter[/green] {res['adapter']}  gguf: {res.get('adapter_gguf')}  "
+                  f"({res.get('sft_examples')} gold episodes, {res.get('sft_steps')} steps, {res['seconds']}s)")
+    console.print(f"use it: mmhops-lite ask IMAGE \"QUESTION\" --adapter {res['out']}")
 
 
 # ---------------------------------------------------------------------------------------------- models, config

@@ -105,7 +105,7 @@ def generator(cfg: Config, model: str | None = None, backend: str | None = None)
     from .backends.base import get_generator
 
     return get_generator(backend or cfg.model.backend, model or cfg.model.policy, n_ctx=cfg.model.n_ctx,
-                         threads=cfg.model.threads)
+                         threads=cfg.model.threads, adapter=cfg.model.adapter or None)
 
 
 def resolve_index(cfg: Config, index: str | Path | None, progress: bool = True) -> Path:
@@ -188,3 +188,14 @@ def demo_question(cfg: Config) -> tuple[Path, str]:
     if not out.is_file():
         perturb(kb / pick["path"], out, random.Random(0))
     return out, "What is the capital of the country whose flag is shown?"
+
+
+def train_policy(questions_file: str | Path, cfg: Config, out: str | Path, index: str | Path | None = None, *,
+                 model: str | None = None, lora=None, sft=None, on_event=None) -> dict:
+    """Train a LoRA adapter over an index (see mmhops_lite.train.driver.train)."""
+    from .train.driver import train
+    from .train.policy import LoraSpec
+
+    idx_path = resolve_index(cfg, index)
+    with open_index(idx_path, cfg) as idx:
+        return train(questions_file, idx, cfg, out, model=model, lora=lora or LoraSpec(), sft=sft, on_event=on_event)

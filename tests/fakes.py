@@ -54,6 +54,9 @@ class TinyImageEncoder:
         self.encoded += len(items)
         return np.stack(out).astype(np.float32)
 
+    def describe(self, items, top_k: int = 5):
+        return [(e, [("flag", 0.9)]) for e in self.encode(items)]
+
 
 class ScriptedGenerator:
     """Replays scripted policy turns, honouring stop sequences the way real backends do; records prompts."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, Sequence
 
 from ..errors import ConfigError
@@ -49,7 +50,33 @@ def get_generator(backend: str, model: str, **kwargs) -> Generator:
         raise ConfigError(f"unknown backend '{backend}'", fix=f"use one of: {', '.join(BACKENDS)}")
     module, cls = BACKENDS[backend]
     path = resolve(model, "policy")
+    adapter = kwargs.pop("adapter", None)
+    if adapter:
+        key = "lora_path" if backend == "llamacpp" else "adapter"
+        kwargs[key] = adapter_for(backend, adapter)
     return getattr(importlib.import_module(module), cls)(path, **kwargs)
+
+
+def adapter_for(backend: str, adapter) -> Path:
+    """The adapter file a backend loads: a GGUF adapter for llama.cpp, a PEFT folder for torch.
+
+    Accepts a `train` output folder (adapter/ + adapter.gguf), a PEFT folder, or a .gguf adapter.
+    """
+    from ..errors import ModelNotFound
+
+    p = Path(adapter).expanduser()
+    if backend == "llamacpp":
+        for cand in (p, p / "adapter.gguf", p.parent / "adapter.gguf"):
+            if cand.is_file() and cand.suffix == ".gguf":
+                return cand
+        raise ModelNotFound(f"no GGUF adapter at {p}", path=p, fix="pass the .gguf written by `mmhops-lite train`, "
+                            "or use --backend torch for a PEFT folder")
+    for cand in (p, p / "adapter"):
+        if (cand / "adapter_config.json").is_file():
+            return cand
+    raise ModelNotFound(f"no PEFT adapter folder at {p}", path=p,
+                        fix="pass the adapter/ folder written by `mmhops-lite train`, or use --backend llamacpp "
+                            "for a .gguf adapter")
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

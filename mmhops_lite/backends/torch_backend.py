@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import InputError, MissingDependency, ModelNotFound, require
+from ..errors import InputError, ModelNotFound, require
 from ..grammar import render_chatml
 from ..paths import cache_dir, free_cores
 from .base import Generation, common_prefix
@@ -82,6 +82,7 @@ def hf_from_gguf(gguf: str | Path) -> Path:
     """Dequantise a GGUF into a Hugging Face checkpoint once; later calls return the cached folder."""
     from ..registry import sha256_file
 
+    require("gguf", "all")
     gguf = Path(gguf)
     key = f"{gguf.stem}-{sha256_file(gguf)[:12]}"
     out = cache_dir("hf-from-gguf", key)
@@ -138,8 +139,10 @@ class TorchGenerator:
                  dtype: str = "float32", **_ignored):
         torch = require("torch", "all")
         transformers = require("transformers", "all")
-        from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                            MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+            MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+        )
 
         if dtype not in _DTYPES:
             raise InputError(f"unknown dtype '{dtype}'", fix=f"use one of: {', '.join(_DTYPES)}")
@@ -176,6 +179,8 @@ class TorchGenerator:
         self.n_ctx = n_ctx
         self.add_bos = bool(getattr(self.tokenizer, "add_bos_token", False)) and self.tokenizer.bos_token_id is not None
         self.eos_ids = self._eos_ids()
+        self._special = frozenset(self.tokenizer.all_special_ids) | frozenset(
+            i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special)
         import inspect
 
         self._keep_arg = "logits_to_keep" in inspect.signature(self.model.forward).parameters
@@ -206,12 +211,20 @@ class TorchGenerator:
         """The model's chat template (ChatML when it has none), assistant turn opened."""
         if not self.template:
             return render_chatml(messages)
-        msgs = list(messages)
-        if self.is_vlm:  # VLM templates iterate over content parts
-            msgs = [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str)
-                    else m for m in msgs]
-        return self.tokenizer.apply_chat_template(msgs, chat_template=self.template, tokenize=False,
-                                                  add_generation_prompt=True)
+        plain = list(messages)
+        parts = [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str) else m
+                 for m in plain]
+        # VLM templates usually iterate over content parts and some silently drop plain strings: try parts first
+        # there, and accept a rendering only if every message's text made it through.
+        for msgs in ((parts, plain) if self.is_vlm else (plain, parts)):
+            try:
+                out = self.tokenizer.apply_chat_template(msgs, chat_template=self.template, tokenize=False,
+                                                         add_generation_prompt=True)
+            except Exception:  # noqa: BLE001, S112 - jinja raises anything from TypeError to TemplateError
+                continue
+            if all(m["content"] in out for m in plain if isinstance(m["content"], str)):
+                return out
+        return render_chatml(messages)
 
     def tokenize(self, text: str) -> list[int]:
         """Prompt tokens: special tokens in the text are parsed; BOS only where the tokenizer asks and it is absent."""
@@ -269,6 +282,8 @@ class TorchGenerator:
         t0 = time.perf_counter()
         out: list[int] = []
         text, finish = "", "length"
+        special = self._special
+        anchor = next((t for t in reversed(ids) if t not in special), None)
         with torch.inference_mode():
             logits, evaluated = self._prefill(ids)
             while len(out) < budget:
@@ -281,7 +296,7 @@ class TorchGenerator:
                     finish = "eos"
                     break
                 out.append(tok)
-                text = self.tokenizer.decode(out, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                text = self._detok(anchor, out)
                 cut = [i for i in (text.find(s) for s in stop if s) if i >= 0]
                 if cut:
                     text, finish = text[: min(cut)], "stop"
@@ -295,9 +310,25 @@ class TorchGenerator:
                     raise
         return Generation(text, len(ids), evaluated, len(out), time.perf_counter() - t0, finish)
 
+    def _detok(self, anchor: int | None, out: list[int]) -> str:
+        """Text of the generated tokens as they continue the prompt.
+
+        Decoding them alone can lose a leading space (SPM-style decoders, and transformers' GGUF tokenizers, strip
+        it from the first token), so decode them after the last prompt token and keep only what they add. Special
+        tokens are left out, as llama-cpp-python leaves them out of completions.
+        """
+        toks = [t for t in out if t not in self._special]
+        dec = self.tokenizer.decode
+        if anchor is not None:
+            head = dec([anchor], clean_up_tokenization_spaces=False)
+            full = dec([anchor] + toks, clean_up_tokenization_spaces=False)
+            if full.startswith(head) and not head.endswith("\ufffd"):
+                return full[len(head):]
+        return dec(toks, clean_up_tokenization_spaces=False)
+
     def reset(self) -> None:
         """Forget the KV cache (the next call evaluates its whole prompt)."""
         self._cache, self._cached_ids = None, []
 
 
-__all__ = ["TorchGenerator", "hf_from_gguf", "tokenizer_from_gguf", "save_tokenizer", "MissingDependency"]
+__all__ = ["TorchGenerator", "hf_from_gguf", "save_tokenizer", "tokenizer_from_gguf"]

@@ -1,0 +1,74 @@
+"""Checkpoints that resume exactly, without pickle: LoRA weights and optimiser state in safetensors, the rest JSON."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ..errors import IndexCorrupt, require
+
+
+def save_checkpoint(folder: Path, net, opt, state: dict, meta: dict) -> None:
+    """Write adapter weights, optimiser moments and state to a temp folder, then swap it in."""
+    torch = require("torch", "train")
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tmp = folder.parent / f".{folder.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
+    params = [p for _, p in net.named_parameters() if p.requires_grad]
+    save_file({n: p.detach().contiguous() for n, p in zip(names, params)}, str(tmp / "weights.safetensors"))
+    moments, steps = {}, {}
+    for i, p in enumerate(params):
+        st = opt.state.get(p, {})
+        for key, val in st.items():
+            if torch.is_tensor(val) and val.ndim > 0:
+                moments[f"{i}.{key}"] = val.contiguous()
+            elif key == "step":
+                steps[str(i)] = float(val)
+    if moments:
+        save_file(moments, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"state": state, "meta": meta, "param_names": names,
+                                                "opt_steps": steps, "lr": [g["lr"] for g in opt.param_groups]},
+                                               default=str, indent=1))
+    old = folder.parent / f".{folder.name}.old{os.getpid()}"
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(folder: Path, net, opt) -> dict | None:
+    """Restore a checkpoint into net and opt; returns its state, or None if there is none."""
+    torch = require("torch", "train")
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / "state.json").is_file():
+        return None
+    try:
+        info = json.loads((folder / "state.json").read_text())
+        weights = load_file(str(folder / "weights.safetensors"))
+    except (OSError, json.JSONDecodeError, Exception) as exc:  # safetensors raises its own error types
+        raise IndexCorrupt(f"checkpoint {folder} is unreadable: {exc}", path=folder,
+                           fix=f"delete {folder} to start over, or restore it") from exc
+    named = dict((n, p) for n, p in net.named_parameters() if p.requires_grad)
+    if sorted(named) != sorted(info["param_names"]):
+        raise IndexCorrupt(f"checkpoint {folder} was made for other LoRA settings", path=folder,
+                           fix="use the same --rank/--targets as the run that wrote it, or a new output folder")
+    with torch.no_grad():
+        for n, p in named.items():
+            p.copy_(weights[n])
+    params = [named[n] for n in info["param_names"]]
+    mpath = folder / "optimizer.safetensors"
+    if mpath.is_file():
+        moments = load_file(str(mpath))
+        for key, val in moments.items():
+            i, name = key.split(".", 1)
+            opt.state[params[int(i)]][name] = val.clone()
+        for i, s in info.get("opt_steps", {}).items():
+            opt.state[params[int(i)]]["step"] = torch.tensor(s)
+    return info["state"]

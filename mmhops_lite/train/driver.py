@@ -1,0 +1,69 @@
+"""`mmhops-lite train`: the driver that loads data and policy, runs SFT (and GRPO), saves and converts the adapter."""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+from ..config import Config
+from ..data.questions import load_questions
+from ..errors import InputError
+from .episodes import TokenizedEpisode
+from .policy import LoraSpec, adapter_to_gguf, load_for_training, save_adapter
+from .sft import SFTConfig, build_gold_set, run_sft
+
+
+def _save_data(path: Path, data: list[TokenizedEpisode]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for e in data:
+            f.write(json.dumps({"input_ids": e.input_ids, "loss_mask": e.loss_mask, "prompt_len": e.prompt_len}) + "\n")
+    tmp.replace(path)
+
+
+def _load_data(path: Path) -> list[TokenizedEpisode]:
+    return [TokenizedEpisode(**json.loads(x)) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def train(questions_file: str | Path, index, cfg: Config, out: str | Path, *, model: str | None = None,
+          lora: LoraSpec = LoraSpec(), sft: SFTConfig | None = SFTConfig(), gguf_adapter: bool = True,
+          on_event: Callable[[str, dict], None] | None = None) -> dict:
+    """Train a LoRA adapter on a question file over an open index; resumable from `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    emit = on_event or (lambda kind, payload: None)
+    t0 = time.perf_counter()
+    model = model or cfg.model.policy
+    questions = load_questions(questions_file)
+    net, tok, base_dir, base_gguf = load_for_training(model, lora, threads=cfg.model.threads,
+                                                      seed=sft.seed if sft else 0)
+    meta = {"base": str(model), "base_hf": str(base_dir), "base_gguf": str(base_gguf) if base_gguf else None,
+            "questions": str(Path(questions_file).resolve()), "lora": asdict(lora),
+            "sft": asdict(sft) if sft else None, "hardware": f"{platform.machine()} {platform.processor()}".strip()}
+    result = {"out": str(out), "meta": meta}
+    if sft is not None:
+        data_path = out / "sft-data.jsonl"
+        if data_path.is_file():  # resume: the same examples, never rebuilt differently
+            data = _load_data(data_path)
+        else:
+            emit("phase", {"name": "gold trajectories", "total": sft.max_examples})
+            data = build_gold_set(questions, tok, index, cfg, sft.max_examples, sft.seed,
+                                  progress=lambda n, total: emit("gold", {"n": n, "total": total}))
+            _save_data(data_path, data)
+        emit("phase", {"name": "sft", "examples": len(data)})
+        state = run_sft(net, data, out, sft, meta, on_step=lambda rec: emit("step", rec))
+        result["sft_steps"] = state["step"]
+        result["sft_examples"] = len(data)
+    if sft is None:
+        raise InputError("nothing to train: GRPO lands in a later version; pass --sft",
+                         fix="mmhops-lite train --lora --sft ...")
+    meta["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    adapter = save_adapter(net, out / "adapter", meta)
+    result["adapter"] = str(adapter)
+    if gguf_adapter:
+        result["adapter_gguf"] = str(adapter_to_gguf(adapter, base_dir, out / "adapter.gguf"))
+    result["seconds"] = meta["wall_seconds"]
+    return result

@@ -1,0 +1,105 @@
+"""The trainable policy: a Hugging Face base (GGUF bases dequantised once and cached) with a peft LoRA adapter,
+and the adapter's conversion to a GGUF LoRA that llama.cpp loads over the base GGUF."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import MmhopsError, ModelNotFound, require
+from ..paths import free_cores, llama_cpp_source
+from ..registry import resolve
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA hyper-parameters (defaults suit 135M-0.5B policies on a CPU)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    targets: str = "all-linear"  # or a comma list, e.g. "q_proj,v_proj"
+
+    def peft_config(self):
+        peft = require("peft", "train")
+        targets = self.targets if self.targets == "all-linear" else [t.strip() for t in self.targets.split(",")]
+        return peft.LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets,
+                               task_type="CAUSAL_LM", bias="none")
+
+
+def base_folder(model: str | Path) -> tuple[Path, Path | None]:
+    """(Hugging Face folder of the base, the GGUF it came from if any) for a registry name or path."""
+    from ..backends.torch_backend import _model_folder
+
+    path = resolve(model, "policy")
+    gguf = path if path.suffix == ".gguf" else None
+    return _model_folder(path), gguf
+
+
+def load_for_training(model: str | Path, lora: LoraSpec, adapter: str | Path | None = None, threads: int = 0,
+                      seed: int = 0):
+    """(peft model, tokenizer, base folder, base gguf) with trainable LoRA weights only."""
+    torch = require("torch", "train")
+    transformers = require("transformers", "train")
+    peft = require("peft", "train")
+    torch.set_num_threads(threads or free_cores())
+    folder, gguf = base_folder(model)
+    tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # padding positions are never learned: masks come from segments
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    if adapter:
+        net = peft.PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+    else:
+        torch.manual_seed(seed)  # LoRA A is random: seeding makes a run reproducible from its settings
+        net = peft.get_peft_model(base, lora.peft_config())
+    return net, tok, folder, gguf
+
+
+def save_adapter(net, out: Path, meta: dict) -> Path:
+    """Save the adapter in PEFT format (safetensors + config) atomically, with what produced it."""
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    net.save_pretrained(str(tmp), safe_serialization=True)
+    (tmp / "mmhops-train.json").write_text(json.dumps(meta, indent=2, default=str))
+    old = out.parent / f".{out.name}.old{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def adapter_to_gguf(adapter: Path, base: Path, out: Path) -> Path:
+    """Convert a PEFT LoRA folder to a GGUF adapter with llama.cpp's converter (from the pinned source package)."""
+    src = llama_cpp_source()
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    env = {**os.environ, "PYTHONPATH": str(src / "gguf-py") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, str(src / "convert_lora_to_gguf.py"), str(adapter), "--base", str(base),
+           "--outfile", str(tmp), "--outtype", "f32"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise MmhopsError(f"converting {adapter} to a GGUF adapter failed: {r.stderr.strip()[-800:]}", path=adapter,
+                          fix="check the adapter matches the base model; rerun bash scripts/setup.sh")
+    os.replace(tmp, out)
+    return out
+
+
+def check_adapter(path: Path) -> Path:
+    """A PEFT adapter folder or a .gguf adapter file, or ModelNotFound."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if (path / "adapter_config.json").is_file():
+        return path
+    raise ModelNotFound(f"{path} is not a LoRA adapter (no adapter_config.json, not a .gguf)", path=path,
+                        fix="pass the folder written by `mmhops-lite train`, or its adapter.gguf")
+
+
+__all__ = ["LoraSpec", "load_for_training", "save_adapter", "adapter_to_gguf", "base_folder", "check_adapter", "asdict"]

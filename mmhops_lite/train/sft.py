@@ -1,0 +1,111 @@
+"""SFT warm start: teach the grammar and the chain on gold trajectories, loss on the policy's tokens only."""
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..config import Config
+from ..errors import InputError, require
+from ..loop import perceive
+from ..types import Question
+from .checkpoint import load_checkpoint, save_checkpoint
+from .episodes import TokenizedEpisode, gold_episode, tokenize_episode
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """SFT settings."""
+
+    epochs: int = 1
+    lr: float = 2e-4
+    batch_size: int = 4  # episodes per optimiser step (gradient accumulation, one sequence at a time)
+    max_examples: int = 240
+    checkpoint_every: int = 10
+    seed: int = 0
+
+
+def build_gold_set(questions: Sequence[Question], tokenizer, index, cfg: Config, limit: int, seed: int,
+                   progress: Callable[[int, int], None] | None = None) -> list[TokenizedEpisode]:
+    """Gold episodes of up to `limit` questions, balanced over templates, tokenized with loss masks."""
+    rng = random.Random(seed)
+    by_t: dict[str, list[Question]] = {}
+    for q in questions:
+        by_t.setdefault(q.extra.get("template") or q.split, []).append(q)
+    for qs in by_t.values():
+        rng.shuffle(qs)
+    order = [q for group in zip(*[qs + [None] * (max(map(len, by_t.values())) - len(qs)) for qs in by_t.values()])
+             for q in group if q is not None]
+
+    def render(msgs):
+        return tokenizer.apply_chat_template(list(msgs), tokenize=False, add_generation_prompt=True)
+
+    def count(text):
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    out: list[TokenizedEpisode] = []
+    cache: dict = {}
+    for i, q in enumerate(order):
+        if len(out) >= limit:
+            break
+        perc = perceive(q.images, index.image_encoder, ocr=cfg.encoders.ocr) if q.images else []
+        got = gold_episode(q, render, count, index, cfg, perc, cache)
+        if got is not None:
+            ep, _ = got
+            out.append(tokenize_episode(tokenizer, ep.prompt, ep.segments))
+        if progress:
+            progress(len(out), limit)
+    if not out:
+        raise InputError("no gold trajectory could be built from these questions",
+                         fix="use questions from `mmhops-lite data synth` over the same KB as the index")
+    return out
+
+
+def masked_loss(net, ep: TokenizedEpisode):
+    """Mean cross-entropy over the policy's tokens of one episode (everything else has label -100)."""
+    torch = require("torch", "train")
+    ids = torch.tensor([ep.input_ids])
+    labels = torch.tensor([[t if m else -100 for t, m in zip(ep.input_ids, ep.loss_mask)]])
+    return net(input_ids=ids, labels=labels).loss
+
+
+def run_sft(net, data: list[TokenizedEpisode], out: Path, scfg: SFTConfig, meta: dict,
+            on_step: Callable[[dict], None] | None = None) -> dict:
+    """Train the LoRA weights on `data`; checkpoints every N steps and resumes exactly from the last one."""
+    torch = require("torch", "train")
+    out.mkdir(parents=True, exist_ok=True)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=scfg.lr, weight_decay=0.0)
+    steps_per_epoch = (len(data) + scfg.batch_size - 1) // scfg.batch_size
+    total = steps_per_epoch * scfg.epochs
+    state = load_checkpoint(out / "checkpoint", net, opt) or {"step": 0}
+    log = out / "sft-log.jsonl"
+    while state["step"] < total:
+        step = state["step"]
+        epoch, k = divmod(step, steps_per_epoch)
+        order = list(range(len(data)))
+        random.Random(scfg.seed * 1000 + epoch).shuffle(order)  # the order of an epoch is a function of the seed
+        batch = [data[i] for i in order[k * scfg.batch_size:(k + 1) * scfg.batch_size]]
+        t0 = time.perf_counter()
+        net.train()
+        opt.zero_grad(set_to_none=True)
+        losses = []
+        for ep in batch:
+            loss = masked_loss(net, ep) / len(batch)
+            loss.backward()
+            losses.append(float(loss.detach()) * len(batch))
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        state["step"] = step + 1
+        rec = {"phase": "sft", "step": state["step"], "of": total, "epoch": epoch, "loss": round(sum(losses) / len(losses), 5),
+               "tokens": sum(e.policy_tokens for e in batch), "seconds": round(time.perf_counter() - t0, 2)}
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+        if on_step:
+            on_step(rec)
+        if state["step"] % scfg.checkpoint_every == 0 or state["step"] == total:
+            save_checkpoint(out / "checkpoint", net, opt, state, meta)
+    return state

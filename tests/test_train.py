@@ -1,0 +1,103 @@
+"""SFT with LoRA on a tiny model built from a config: masks, LoRA-only updates, exact resume, GGUF adapter."""
+import json
+
+import pytest
+from fakes import HashTextEncoder, TinyImageEncoder
+
+from mmhops_lite.config import Config
+from mmhops_lite.data.synth import synthesize
+from mmhops_lite.index import KnowledgeBase, MultimodalIndex, sync
+from mmhops_lite.train.driver import train
+from mmhops_lite.train.episodes import tokenize_episode
+from mmhops_lite.train.policy import LoraSpec, load_for_training
+from mmhops_lite.train.sft import SFTConfig, masked_loss
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    from tiny_models import make_tiny_hf, save_gguf_tokenizer
+
+    from mmhops_lite.registry import resolve
+
+    root = tmp_path_factory.mktemp("tinyhf")
+    tok = save_gguf_tokenizer(root / "tok", resolve("smollm2-135m-instruct"))
+    return make_tiny_hf(root / "llama", tok, "llama")
+
+
+@pytest.fixture(scope="module")
+def world(tiny_kb_module, tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    sync(root / "idx", KnowledgeBase(tiny_kb_module), HashTextEncoder(), TinyImageEncoder(), progress=False)
+    synthesize(tiny_kb_module, root / "q", dev_fraction=0.0, seed=0, max_dev_per_template=None)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_kb_module(tmp_path_factory):
+    import conftest
+
+    return conftest.tiny_kb.__wrapped__(tmp_path_factory.mktemp("kb")) if hasattr(conftest.tiny_kb, "__wrapped__") \
+        else _make_kb(tmp_path_factory.mktemp("kb"))
+
+
+def _make_kb(tmp):
+    import inspect
+
+    import conftest
+
+    return inspect.unwrap(conftest.tiny_kb)(tmp)
+
+
+CFG = Config.resolve({"encoders.ocr": False, "model.threads": 1}, env={})
+
+
+def run(world, out, tiny_hf, epochs):
+    with MultimodalIndex(world / "idx", HashTextEncoder(), TinyImageEncoder()) as idx:
+        return train(world / "q" / "train.jsonl", idx, CFG, out, model=str(tiny_hf), lora=LoraSpec(r=4, alpha=8),
+                     sft=SFTConfig(epochs=epochs, lr=5e-3, batch_size=2, max_examples=4, checkpoint_every=1),
+                     gguf_adapter=False)
+
+
+def losses(out):
+    return [json.loads(x)["loss"] for x in (out / "sft-log.jsonl").read_text().splitlines()]
+
+
+def test_information_positions_get_zero_gradient(tiny_hf):
+    net, tok, _, _ = load_for_training(str(tiny_hf), LoraSpec(r=4, alpha=8), threads=1)
+    ep = tokenize_episode(tok, "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n",
+                          [("<text_search>x</text_search>", True),
+                           ("\n<information>\n[1] X: <answer>y</answer>\n</information>\n", False),
+                           ("<answer>y</answer>", True)])
+    captured = {}
+
+    def keep(mod, inp, out):
+        out.retain_grad()
+        captured["logits"] = out
+
+    handle = net.get_output_embeddings().register_forward_hook(keep)
+    masked_loss(net, ep).backward()
+    handle.remove()
+    g = captured["logits"].grad[0]
+    for t in range(1, len(ep.input_ids)):  # logits at t-1 predict token t
+        row_zero = bool((g[t - 1] == 0).all())
+        assert row_zero == (ep.loss_mask[t] == 0), t
+    # Only LoRA weights can learn.
+    assert all("lora_" in n for n, p in net.named_parameters() if p.requires_grad)
+
+
+def test_sft_changes_only_lora_and_resumes_exactly(world, tiny_hf, tmp_path):
+    from safetensors.torch import load_file
+
+    full = tmp_path / "full"
+    res = run(world, full, tiny_hf, epochs=2)
+    assert res["sft_steps"] == 4 and (full / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((full / "adapter" / "mmhops-train.json").read_text())["lora"]["r"] == 4
+    weights = load_file(str(full / "adapter" / "adapter_model.safetensors"))
+    assert weights and all("lora_" in k for k in weights)
+    assert any(float(v.abs().sum()) > 0 for k, v in weights.items() if "lora_B" in k)  # B starts at 0: it moved
+    # A run killed after its 2nd step and started again goes on exactly as the uninterrupted run.
+    part = tmp_path / "part"
+    run(world, part, tiny_hf, epochs=1)
+    assert len(losses(part)) == 2
+    run(world, part, tiny_hf, epochs=2)
+    assert losses(part) == pytest.approx(losses(full), abs=1e-4)
