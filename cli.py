@@ -72,6 +72,7 @@ def index_build(
     out: Path = typer.Option(..., "-o", "--out", help="Index folder to write (created; resumed if interrupted)."),
     backend: Optional[str] = typer.Option(None, help="Encoder runtime: onnx (default) or torch."),
     batch_size: Optional[int] = typer.Option(None, help="Items per committed batch (resume granularity)."),
+    reencode: bool = typer.Option(False, "--reencode", help="Re-encode records whose encoder changed."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
 ):
     """Build an index from a KB folder. Re-running resumes an interrupted build and re-encodes only changes.
@@ -79,7 +80,7 @@ def index_build(
     [bold]Example[/bold]: mmhops-lite index build ~/kb -o ~/kb-index
     """
     cfg = _run(_cfg, **{"encoders.backend": backend, "index.batch_size": batch_size})
-    rep = _run(api.build_index, kb_dir, out, cfg, progress=not quiet)
+    rep = _run(api.build_index, kb_dir, out, cfg, progress=not quiet, reencode=reencode)
     console.print(f"[green]index ready[/green] {out}  added {rep.added}  reused {rep.reused}  "
                   f"removed {rep.removed}  in {rep.seconds}s  rate/s {rep.rates}")
 

@@ -30,11 +30,12 @@ def image_encoder(cfg: Config):
                              model_path=None if name == DEFAULT_IMAGE else resolve(name, "image_encoder"))
 
 
-def build_index(kb_dir: str | Path, out: str | Path, cfg: Config, *, prune: bool = True, progress: bool = True):
+def build_index(kb_dir: str | Path, out: str | Path, cfg: Config, *, prune: bool = True, progress: bool = True,
+                reencode: bool = False):
     """Build (or resume, or sync) the index at `out` from a KB folder."""
     kb = KnowledgeBase(kb_dir)
     return sync(out, kb, text_encoder(cfg) if kb.passages else None, image_encoder(cfg) if kb.images else None,
-                cfg.index, prune=prune, progress=progress)
+                cfg.index, prune=prune, progress=progress, reencode=reencode)
 
 
 def open_index(path: str | Path, cfg: Config, verify_checksums: bool = True) -> MultimodalIndex:
@@ -78,11 +79,19 @@ def ensure_demo_index(cfg: Config, progress: bool = True) -> Path:
     """Build the demo KB and its index on first use (both steps resume if interrupted)."""
     from .data.demo_kb import build_demo_kb
 
+    import json
+
     kb, idx = demo_paths()
     if not (kb / "manifest.json").is_file():
         build_demo_kb(kb, progress=progress)
-    if not (idx / "manifest.json").is_file():
-        build_index(kb, idx, cfg, progress=progress)
+    man = idx / "manifest.json"
+    stale = False
+    if man.is_file():  # the demo follows encoder upgrades by itself: re-encode what changed, reuse the rest
+        built = json.loads(man.read_text(encoding="utf-8")).get("encoders", {})
+        stale = built.get("images", {}).get("id") != image_encoder(cfg).id or \
+            built.get("passages", {}).get("id") != text_encoder(cfg).id
+    if stale or not man.is_file():
+        build_index(kb, idx, cfg, progress=progress, reencode=True)
     return idx
 
 

@@ -20,7 +20,7 @@ def fake_encoders(monkeypatch):
 def test_build_passes_resolved_config(monkeypatch, tmp_path):
     seen = {}
 
-    def fake_build(kb, out, cfg, prune=True, progress=True):
+    def fake_build(kb, out, cfg, prune=True, progress=True, reencode=False):
         seen.update(kb=kb, out=out, cfg=cfg, prune=prune, progress=progress)
         from mmhops_lite.index.index import BuildReport
         return BuildReport({}, {}, {}, 0.0, {})

@@ -155,7 +155,7 @@ def test_image_onnx_matches_torch_synthetic(image_pair):
     assert a.shape == (len(imgs), 1280) and a.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
     assert _cos(a, b).min() >= 0.999
-    assert onnx.id == ref.id == "efficientnet-lite0"
+    assert onnx.id == ref.id == "efficientnet-lite0/squash-mv6" and onnx.model_id == "efficientnet-lite0"
 
 
 def test_image_real_photos(image_pair):
@@ -228,7 +228,7 @@ def test_user_weights_path_gets_own_id_and_cache(tmp_path, monkeypatch):
     mine = tmp_path / "my-finetuned-lite0.pth"
     shutil.copyfile(default_weights(), mine)  # a copy, not a symlink: the packaged file resolves as the default
     enc = ImageEncoder("onnx", model_path=mine)
-    assert enc.id == "my-finetuned-lite0" and enc.export_seconds > 0
+    assert enc.id.startswith("my-finetuned-lite0/") and enc.export_seconds > 0
     assert enc.onnx_path().parent.name.startswith("my-finetuned-lite0-")
     with pytest.raises(ModelNotFound):
         ImageEncoder("onnx", model_path=tmp_path / "absent.pth")
@@ -305,3 +305,16 @@ def test_ocr_blank_and_tiny_images():
     assert ocr_text(Image.new("RGB", (300, 200), "white")) == ""
     for size in [(1, 1), (2, 400), (9, 9), (1500, 3)]:
         assert isinstance(ocr_text(Image.new("RGB", size, (90, 90, 90))), str)
+
+
+def test_index_views_embedding(image_pair):
+    from mmhops_lite.encoders.image import view_boxes
+
+    onnx, _ = image_pair
+    imgs = synthetic_images()[:3]
+    idx_vecs, q_vecs = onnx.encode_for_index(imgs), onnx.encode(imgs)
+    np.testing.assert_allclose(np.linalg.norm(idx_vecs, axis=1), 1.0, atol=1e-5)
+    assert len(view_boxes(300, 200)) == 6
+    # The mean of the views stays close to the whole-image embedding it includes, and closest to its own image.
+    sims = idx_vecs @ q_vecs.T
+    assert (np.argmax(sims, axis=1) == np.arange(3)).all() and sims.diagonal().min() > 0.8

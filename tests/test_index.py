@@ -229,3 +229,22 @@ def test_bad_inputs_name_the_file(tiny_kb, tmp_path):
 
     with pytest.raises(InputError, match="does not exist"):
         KnowledgeBase(tmp_path / "nope")
+
+
+def test_reencode_replaces_only_the_changed_kind(tiny_kb, tmp_path):
+    out = tmp_path / "idx"
+    build(tiny_kb, out)
+
+    class NewImages(TinyImageEncoder):
+        id = "fake-tiny-image-v2"
+
+        def encode_for_index(self, items, batch_size=32):  # index-side embedding may differ from queries'
+            self.index_encoded = len(items)
+            return self.encode(items)
+
+    t, i = HashTextEncoder(), NewImages()
+    rep = sync(out, KnowledgeBase(tiny_kb), t, i, progress=False, reencode=True)
+    assert rep.added == {"passages": 0, "images": 6} and t.encoded == 0 and i.index_encoded == 6
+    with MultimodalIndex(out, HashTextEncoder(), NewImages()) as idx:
+        assert idx.manifest["encoders"]["images"]["id"] == "fake-tiny-image-v2"
+        assert idx.search_image(tiny_kb / "images" / "wakanda.png", k=1)[0].title == "Wakanda"

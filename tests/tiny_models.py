@@ -75,3 +75,63 @@ def make_tiny_gguf(out: Path, base_gguf: Path, seed: int = 0) -> Path:
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+def save_gguf_tokenizer(out: Path, base_gguf: Path) -> Path:
+    """Save the base GGUF's tokenizer as Hugging Face files (bos/eos fixed, no bogus tokenizer.model)."""
+    from mmhops_lite.backends.torch_backend import save_tokenizer, tokenizer_from_gguf
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(tokenizer_from_gguf(base_gguf), out)
+    return out
+
+
+def _text_kw(vocab: int) -> dict:
+    h, f, L, nh, nkv = TINY["hidden"], TINY["ffn"], TINY["layers"], TINY["heads"], TINY["kv_heads"]
+    return {"vocab_size": vocab, "hidden_size": h, "intermediate_size": f, "num_hidden_layers": L,
+            "num_attention_heads": nh, "num_key_value_heads": nkv, "max_position_embeddings": TINY["ctx"],
+            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "tie_word_embeddings": False}
+
+
+def make_tiny_hf(out: Path, tokenizer_dir: Path, family: str = "llama", seed: int = 0) -> Path:
+    """A random 2-layer, 64-wide Hugging Face model folder (llama, qwen2 or qwen2_vl) with a saved tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    vocab = len(tok)
+    torch.manual_seed(seed)
+    if family == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        model = LlamaForCausalLM(LlamaConfig(**_text_kw(vocab), rope_theta=10000.0))
+    elif family == "qwen2":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        model = Qwen2ForCausalLM(Qwen2Config(**_text_kw(vocab), rope_theta=10000.0, use_sliding_window=False))
+    elif family == "qwen2_vl":
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+        head = TINY["hidden"] // TINY["heads"]
+        text = dict(_text_kw(vocab), rope_theta=10000.0, model_type="qwen2_vl_text",
+                    rope_scaling={"type": "mrope", "mrope_section": [head // 4, head // 8, head // 8]})
+        vision = {"depth": 1, "embed_dim": 32, "hidden_size": TINY["hidden"], "num_heads": 2, "mlp_ratio": 2,
+                  "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+        # Image/video tokens must exist in the vocabulary; any unused ids do for a text-only run.
+        cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=vocab - 4,
+                            video_token_id=vocab - 3, vision_start_token_id=vocab - 2, vision_end_token_id=vocab - 1,
+                            bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+        model = Qwen2VLForConditionalGeneration(cfg)
+    else:
+        raise ValueError(f"unknown family {family}")
+    with torch.no_grad():  # the default init (std 0.02) gives near-uniform logits: widen it so greedy is decisive
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.05)
+    model.save_pretrained(str(out), safe_serialization=True)
+    for f in tokenizer_dir.iterdir():
+        if f.is_file():
+            shutil.copy(f, out / f.name)
+    return out

@@ -1,7 +1,7 @@
 """PyTorch/transformers backend: any Hugging Face causal LM or VLM folder, a GGUF (dequantised once), a PEFT LoRA.
 
-Slower than llama.cpp on CPU (see bench/bench_loop.py) but it runs what llama.cpp cannot: un-exported fine-tunes,
-PEFT adapters, VLM checkpoints. Like the llama.cpp backend it keeps one KV cache across calls, so a loop turn that
+Slower than llama.cpp on CPU (float32 decoding is ~5x slower; see bench/bench_loop.py) but it runs what llama.cpp
+cannot: un-exported fine-tunes, PEFT adapters, VLM checkpoints. Like the llama.cpp backend it keeps one KV cache across calls, so a loop turn that
 extends the previous prompt only runs the new tokens.
 """
 from __future__ import annotations
@@ -86,7 +86,7 @@ def hf_from_gguf(gguf: str | Path) -> Path:
     gguf = Path(gguf)
     key = f"{gguf.stem}-{sha256_file(gguf)[:12]}"
     out = cache_dir("hf-from-gguf", key)
-    if (out / "config.json").is_file() and (out / "mmhops-source.json").is_file():
+    if _converted(out):
         return out
     torch = require("torch", "all")
     from transformers import AutoModelForCausalLM
@@ -107,11 +107,16 @@ def hf_from_gguf(gguf: str | Path) -> Path:
         save_tokenizer(tokenizer_from_gguf(gguf), tmp)
         (tmp / "mmhops-source.json").write_text(json.dumps({"gguf": str(gguf.resolve()), "key": key}))
         del model
-        shutil.rmtree(out, ignore_errors=True)  # cache_dir created it empty; os.replace needs it absent or empty
-        os.replace(tmp, out)
+        if not _converted(out):  # another process may have finished first: keep its copy
+            shutil.rmtree(out, ignore_errors=True)  # cache_dir made it; os.replace needs it absent or empty
+            os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _converted(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "mmhops-source.json").is_file()
 
 
 def _model_folder(path: Path) -> Path:
@@ -175,7 +180,7 @@ class TorchGenerator:
         if adapter:
             self.model = self._apply_adapter(Path(adapter))
         self.model.eval()
-        self.id = (src.name if src.suffix == ".gguf" else folder.name) + (f"+{Path(adapter).name}" if adapter else "")
+        self.id = src.name + (f"+{Path(adapter).name}" if adapter else "")
         self.n_ctx = n_ctx
         self.add_bos = bool(getattr(self.tokenizer, "add_bos_token", False)) and self.tokenizer.bos_token_id is not None
         self.eos_ids = self._eos_ids()

@@ -26,15 +26,18 @@ def _file_hash(path: Path) -> str:
 
 
 def sync(root: str | Path, kb: KnowledgeBase, text_encoder: Encoder | None, image_encoder: Encoder | None,
-         cfg: IndexConfig | None = None, *, prune: bool = True, progress: bool = True) -> BuildReport:
-    """Make the index at root hold the KB: encode only new or changed records; prune=True drops the rest."""
+         cfg: IndexConfig | None = None, *, prune: bool = True, progress: bool = True,
+         reencode: bool = False) -> BuildReport:
+    """Make the index at root hold the KB: encode only new or changed records; prune=True drops the rest.
+
+    reencode=True re-encodes a kind whose encoder changed (instead of refusing to mix encoders)."""
     root, cfg = Path(root), cfg or IndexConfig()
     t0 = time.perf_counter()
     added, removed, reused, rates = {}, {}, {}, {}
     with writer_lock(root):
         store = Store(root / STORE)
         try:
-            _check_store_encoders(store, root, {"passages": text_encoder, "images": image_encoder})
+            _check_store_encoders(store, root, {"passages": text_encoder, "images": image_encoder}, reencode)
             store.set_meta("dirty", True)
             store.commit()
             jobs = (("passages", kb.passages, text_encoder,
@@ -43,7 +46,7 @@ def sync(root: str | Path, kb: KnowledgeBase, text_encoder: Encoder | None, imag
                     ("images", kb.images, image_encoder,
                      lambda im: content_hash(im.title, im.caption, im.path, _file_hash(kb.image_path(im))),
                      store.put_images,
-                     lambda chunk: image_encoder.encode([kb.image_path(im) for im, _ in chunk], batch_size=32)))
+                     lambda chunk: _index_encode(image_encoder)([kb.image_path(im) for im, _ in chunk], batch_size=32)))
             for kind, records, enc, hasher, put, encode in jobs:
                 have = store.hashes(kind)
                 todo = []
@@ -77,16 +80,25 @@ def sync(root: str | Path, kb: KnowledgeBase, text_encoder: Encoder | None, imag
     return BuildReport(added, removed, reused, round(time.perf_counter() - t0, 2), rates)
 
 
-def _check_store_encoders(store: Store, root: Path, encoders: dict) -> None:
+def _index_encode(enc):
+    """Encoders may embed indexed items differently from queries (e.g. a mean over several views)."""
+    return getattr(enc, "encode_for_index", enc.encode)
+
+
+def _check_store_encoders(store: Store, root: Path, encoders: dict, reencode: bool = False) -> None:
     known = store.get_meta("encoders", {}) or {}
     for kind, enc in encoders.items():
         if enc is None:
             continue
         want = {"id": enc.id, "dim": int(enc.dim)}
         if kind in known and known[kind] != want and store.count(kind):
-            raise IndexCorrupt(f"index {root} holds {kind} encoded by {known[kind]['id']} ({known[kind]['dim']}-d), "
-                               f"not {enc.id} ({enc.dim}-d)", path=root / STORE,
-                               fix="use the same encoder, or build into a new folder")
+            if not reencode:
+                raise IndexCorrupt(f"index {root} holds {kind} encoded by {known[kind]['id']} "
+                                   f"({known[kind]['dim']}-d), not {enc.id} ({enc.dim}-d)", path=root / STORE,
+                                   fix=f"re-encode them: mmhops-lite index build KB_DIR -o {root} --reencode "
+                                       "(or use the same encoder, or a new folder)")
+            store.db.execute(f"DELETE FROM {kind}")  # every vector of this kind is re-encoded below
+            store.commit()
         known[kind] = want
     store.set_meta("encoders", known)
 

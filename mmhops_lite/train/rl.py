@@ -1,0 +1,161 @@
+"""The GRPO run: rollouts through the `ask` loop, rewards, a peft update per step, logs, checkpoints, warnings."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..config import Config
+from ..errors import require
+from ..loop import answer, perceive
+from ..rewards import Weights, total_reward
+from ..types import Question
+from .checkpoint import load_checkpoint, save_checkpoint
+from .episodes import tokenize_episode
+from .grpo import GRPOConfig, advantages, episode_loss, question_order
+from .policy import adapter_to_gguf, save_adapter
+
+ZERO_VAR_WARN, NO_SEARCH_WARN = 5, 5  # consecutive steps before a collapse warning
+
+
+class Engine:
+    """Where rollouts are generated: llama.cpp over the base GGUF with the current LoRA, or the live torch model."""
+
+    def __init__(self, kind: str, net, tok, out: Path, base_dir: Path, base_gguf: Path | None, cfg: Config):
+        self.kind = kind if (kind == "torch" or base_gguf is not None) else "torch"
+        self.net, self.tok, self.out, self.base_dir, self.base_gguf, self.cfg = net, tok, out, base_dir, base_gguf, cfg
+        self.gen = None
+        self.version = -1
+
+    def refresh(self, step: int) -> None:
+        """Point the engine at the current weights (the llama.cpp engine reloads a freshly converted adapter)."""
+        if self.kind == "torch":
+            from ..backends.torch_backend import TorchGenerator
+
+            self.gen = TorchGenerator.from_model(self.net, self.tok, self.cfg.model.n_ctx)
+        else:
+            from ..backends.llamacpp import LlamaCppGenerator
+
+            folder = save_adapter(self.net, self.out / "rollout-adapter", {"step": step})
+            gguf = adapter_to_gguf(folder, self.base_dir, self.out / "rollout-adapter.gguf")
+            self.gen = LlamaCppGenerator(self.base_gguf, n_ctx=self.cfg.model.n_ctx, threads=self.cfg.model.threads,
+                                         lora_path=gguf)
+        self.version = step
+
+
+def run_grpo(net, tok, questions: Sequence[Question], index, cfg: Config, g: GRPOConfig, out: Path,
+             base_dir: Path, base_gguf: Path | None, meta: dict, weights: Weights = Weights(),
+             on_step: Callable[[dict], None] | None = None, on_warning: Callable[[str], None] | None = None) -> dict:
+    """Run GRPO steps until g.steps; resumes from out/grpo-checkpoint exactly where it stopped."""
+    torch = require("torch", "train")
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=g.lr, weight_decay=0.0)
+    state = load_checkpoint(out / "grpo-checkpoint", net, opt) or {"step": 0, "zero_var": 0, "no_search": 0}
+    engine = Engine(g.engine, net, tok, out, base_dir, base_gguf, cfg)
+    rcfg = replace(cfg, loop=replace(cfg.loop, temperature=g.temperature))
+    perceptions: dict = {}
+    cache: dict = {}
+    log = out / "grpo-log.jsonl"
+    warn = on_warning or (lambda msg: None)
+    while state["step"] < g.steps:
+        step = state["step"]
+        if engine.gen is None or step - engine.version >= g.refresh_every:
+            net.eval()
+            engine.refresh(step)
+        t0 = time.perf_counter()
+        groups = []
+        for qi in question_order(len(questions), step, g.questions_per_step, g.seed):
+            q = questions[qi]
+            if q.id not in perceptions:
+                perceptions[q.id] = perceive(q.images, index.image_encoder, ocr=cfg.encoders.ocr) if q.images else []
+            rollouts = []
+            for k in range(g.group_size):
+                eps: list = []
+                if hasattr(engine.gen, "reset"):
+                    engine.gen.reset()
+                tr = answer(q.problem, engine.gen, index, rcfg, perceptions[q.id], seed=g.seed * 100003 + step * 101 + qi * 11 + k,
+                            search_cache=cache, episode_out=eps)
+                rollouts.append((tr, eps[0], total_reward(tr, q, weights)))
+            groups.append((q, rollouts))
+        t_roll = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        net.train()
+        opt.zero_grad(set_to_none=True)
+        trained, zero_groups, stats = 0, 0, []
+        n_train = sum(1 for _, ro in groups for _ in ro)
+        for q, ro in groups:
+            adv = advantages([r["total"] for _, _, r in ro], "grpo" if g.loss == "grpo" else "dr_grpo")
+            if all(abs(a) < 1e-9 for a in adv):
+                zero_groups += 1  # nothing to learn from a group whose rollouts all scored the same
+                continue
+            for (tr, ep, _), a in zip(ro, adv):
+                if abs(a) < 1e-9:
+                    continue
+                te = tokenize_episode(tok, ep.prompt, ep.segments)
+                loss, st = episode_loss(net, te, a, g)
+                (loss / n_train).backward()
+                stats.append(st)
+                trained += 1
+        if trained:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+        t_loss = time.perf_counter() - t1
+        flat = [r for _, ro in groups for r in ro]
+        rec = {"phase": "grpo", "step": step + 1, "of": g.steps,
+               "reward": round(sum(r["total"] for _, _, r in flat) / len(flat), 4),
+               **{f"reward_{k}": round(sum(r[k] for _, _, r in flat) / len(flat), 4) for k in ("outcome", "format", "action")},
+               "accuracy": round(sum(r["correct"] for _, _, r in flat) / len(flat), 4),
+               "searches": round(sum(sum(h.action in ("image_search", "text_search") for h in tr.hops)
+                                     for tr, _, _ in flat) / len(flat), 3),
+               "turns": round(sum(len(tr.hops) for tr, _, _ in flat) / len(flat), 3),
+               "completion_tokens": round(sum(tr.tokens["generated"] for tr, _, _ in flat) / len(flat), 1),
+               "entropy": round(sum(s["entropy"] for s in stats) / len(stats), 4) if stats else None,
+               "kl": round(sum(s["kl"] for s in stats) / len(stats), 5) if stats else None,
+               "zero_variance_groups": zero_groups, "trained_rollouts": trained,
+               "rollout_s": round(t_roll, 2), "update_s": round(t_loss, 2), "seconds": round(t_roll + t_loss, 2),
+               "engine": engine.kind}
+        state["zero_var"] = state["zero_var"] + 1 if zero_groups == len(groups) else 0
+        state["no_search"] = state["no_search"] + 1 if rec["searches"] < 0.05 else 0
+        if state["zero_var"] == ZERO_VAR_WARN:
+            warn(f"every group had zero reward variance for {ZERO_VAR_WARN} steps: nothing is being learned "
+                 "(try --sft, a higher temperature, or a larger group)")
+        if state["no_search"] == NO_SEARCH_WARN:
+            warn(f"searches per episode collapsed to ~0 for {NO_SEARCH_WARN} steps: the policy stopped using tools")
+        state["step"] = step + 1
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+        if on_step:
+            on_step(rec)
+        if state["step"] % g.checkpoint_every == 0 or state["step"] == g.steps:
+            save_checkpoint(out / "grpo-checkpoint", net, opt, state, meta)
+    return state
+
+
+def plot_curves(out: Path) -> Path | None:
+    """reward, accuracy and searches per step (from the JSONL logs) as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib is in the [train] extra
+        return None
+    log = out / "grpo-log.jsonl"
+    if not log.is_file():
+        return None
+    rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, key in zip(axes, ("reward", "accuracy", "searches")):
+        ys = [r[key] for r in rows]
+        ax.plot([r["step"] for r in rows], ys, lw=1, alpha=0.5)
+        w = 5
+        ax.plot([r["step"] for r in rows][w - 1:], [sum(ys[i - w + 1:i + 1]) / w for i in range(w - 1, len(ys))], lw=2)
+        ax.set_title(key)
+        ax.set_xlabel("GRPO step")
+    fig.tight_layout()
+    png = out / "curves.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
