@@ -367,6 +367,15 @@ def train_cmd(
     rank: int = typer.Option(16, "--rank", help="LoRA rank."),
     alpha: int = typer.Option(32, "--alpha", help="LoRA alpha."),
     targets: str = typer.Option("all-linear", "--targets", help="LoRA target modules, e.g. q_proj,v_proj."),
+    steps: int = typer.Option(40, "--steps", help="GRPO steps (0 = SFT only)."),
+    group_size: int = typer.Option(4, "--group-size", help="Rollouts per question (the GRPO group)."),
+    per_step: int = typer.Option(2, "--questions-per-step", help="Questions per GRPO step."),
+    loss: str = typer.Option("dr_grpo", "--loss", help="grpo | dr_grpo | reinforce."),
+    kl: float = typer.Option(0.0, "--kl", help="KL coefficient to the base policy (0 = off)."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Rollout sampling temperature."),
+    engine: str = typer.Option("llamacpp", "--engine", help="Rollout engine: llamacpp (LoRA as a GGUF adapter over "
+                                                            "the base GGUF) or torch (the live model)."),
+    grpo_lr: float = typer.Option(5e-5, "--grpo-lr", help="GRPO learning rate."),
     sft_examples: int = typer.Option(240, "--sft-examples", help="Gold trajectories for the warm start."),
     sft_epochs: int = typer.Option(1, "--sft-epochs", help="Passes over the gold trajectories."),
     lr: float = typer.Option(2e-4, "--lr", help="Learning rate."),
@@ -378,6 +387,7 @@ def train_cmd(
       mmhops-lite train --lora                                  # demo train split, default policy
       mmhops-lite train q/train.jsonl --index idx/ --lora --sft -o runs/mine
     """
+    from mmhops_lite.train.grpo import GRPOConfig
     from mmhops_lite.train.policy import LoraSpec
     from mmhops_lite.train.sft import SFTConfig
 
@@ -400,13 +410,21 @@ def train_cmd(
             if kind == "gold":
                 tasks.setdefault("gold", bar.add_task("gold trajectories", total=p["total"], info=""))
                 bar.update(tasks["gold"], completed=p["n"])
-            elif kind == "step":
-                tasks.setdefault("sft", bar.add_task(p["phase"], total=p["of"], info=""))
+            elif kind == "step" and p["phase"] == "sft":
+                tasks.setdefault("sft", bar.add_task("sft", total=p["of"], info=""))
                 bar.update(tasks["sft"], completed=p["step"], info=f"loss {p['loss']:.3f} {p['seconds']:.1f}s/step")
+            elif kind == "step":
+                tasks.setdefault("grpo", bar.add_task("grpo", total=p["of"], info=""))
+                bar.update(tasks["grpo"], completed=p["step"], info=f"reward {p['reward']:.2f} acc {p['accuracy']:.2f} "
+                           f"searches {p['searches']:.1f} {p['seconds']:.0f}s/step")
+            elif kind == "warning":
+                bar.console.print(f"[bold yellow]warning:[/bold yellow] {p['text']}")
 
         res = _run(api.train_policy, questions, cfg, out, index, model=model,
                    lora=LoraSpec(rank, alpha, 0.0, targets),
                    sft=SFTConfig(epochs=sft_epochs, lr=lr, max_examples=sft_examples, seed=seed) if sft else None,
+                   grpo=GRPOConfig(steps=steps, questions_per_step=per_step, group_size=group_size, lr=grpo_lr,
+                                   loss=loss, kl=kl, temperature=temperature, engine=engine, seed=seed),
                    on_event=on_event)
     console.print(f"[green]adapter[/green] {res['adapter']}  gguf: {res.get('adapter_gguf')}  "
                   f"({res.get('sft_examples')} gold episodes, {res.get('sft_steps')} steps, {res['seconds']}s)")

@@ -200,11 +200,12 @@ def demo_question(cfg: Config) -> tuple[Path, str]:
 
 
 def train_policy(questions_file: str | Path, cfg: Config, out: str | Path, index: str | Path | None = None, *,
-                 model: str | None = None, lora=None, sft=None, on_event=None) -> dict:
+                 model: str | None = None, lora=None, sft=None, grpo=None, on_event=None) -> dict:
     """Train a LoRA adapter over an index (see mmhops_lite.train.driver.train)."""
     from .train.driver import train
     from .train.policy import LoraSpec
 
     idx_path = resolve_index(cfg, index)
     with open_index(idx_path, cfg) as idx:
-        return train(questions_file, idx, cfg, out, model=model, lora=lora or LoraSpec(), sft=sft, on_event=on_event)
+        return train(questions_file, idx, cfg, out, model=model, lora=lora or LoraSpec(), sft=sft, grpo=grpo,
+                     on_event=on_event)

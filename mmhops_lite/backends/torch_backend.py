@@ -180,17 +180,31 @@ class TorchGenerator:
         if adapter:
             self.model = self._apply_adapter(Path(adapter))
         self.model.eval()
-        self.id = src.name + (f"+{Path(adapter).name}" if adapter else "")
+        self._finish(src.name + (f"+{Path(adapter).name}" if adapter else ""), n_ctx)
+
+    def _finish(self, model_id: str, n_ctx: int) -> None:
+        """State derived from model and tokenizer, shared by __init__ and from_model."""
+        import inspect
+
+        self.id = model_id
         self.n_ctx = n_ctx
         self.add_bos = bool(getattr(self.tokenizer, "add_bos_token", False)) and self.tokenizer.bos_token_id is not None
         self.eos_ids = self._eos_ids()
         self._special = frozenset(self.tokenizer.all_special_ids) | frozenset(
             i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special)
-        import inspect
-
         self._keep_arg = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self._cache = None
         self._cached_ids: list[int] = []
+
+    @classmethod
+    def from_model(cls, model, tokenizer, n_ctx: int = 4096, model_id: str = "live-policy") -> "TorchGenerator":
+        """Wrap a model already in memory (e.g. the peft model being trained) without loading or merging."""
+        self = cls.__new__(cls)
+        self.torch = require("torch", "all")
+        self.model, self.tokenizer, self.is_vlm = model, tokenizer, False
+        self.template = tokenizer.chat_template
+        self._finish(model_id, n_ctx)
+        return self
 
     def _apply_adapter(self, adapter: Path):
         if not (adapter / "adapter_config.json").is_file():

@@ -13,6 +13,8 @@ from ..data.questions import load_questions
 from ..errors import InputError
 from .episodes import TokenizedEpisode
 from .policy import LoraSpec, adapter_to_gguf, load_for_training, save_adapter
+from .grpo import GRPOConfig
+from .rl import plot_curves, run_grpo
 from .sft import SFTConfig, build_gold_set, run_sft
 
 
@@ -29,8 +31,8 @@ def _load_data(path: Path) -> list[TokenizedEpisode]:
 
 
 def train(questions_file: str | Path, index, cfg: Config, out: str | Path, *, model: str | None = None,
-          lora: LoraSpec = LoraSpec(), sft: SFTConfig | None = SFTConfig(), gguf_adapter: bool = True,
-          on_event: Callable[[str, dict], None] | None = None) -> dict:
+          lora: LoraSpec = LoraSpec(), sft: SFTConfig | None = SFTConfig(), grpo: GRPOConfig | None = GRPOConfig(),
+          gguf_adapter: bool = True, on_event: Callable[[str, dict], None] | None = None) -> dict:
     """Train a LoRA adapter on a question file over an open index; resumable from `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -42,7 +44,7 @@ def train(questions_file: str | Path, index, cfg: Config, out: str | Path, *, mo
                                                       seed=sft.seed if sft else 0)
     meta = {"base": str(model), "base_hf": str(base_dir), "base_gguf": str(base_gguf) if base_gguf else None,
             "questions": str(Path(questions_file).resolve()), "lora": asdict(lora),
-            "sft": asdict(sft) if sft else None, "hardware": f"{platform.machine()} {platform.processor()}".strip()}
+            "sft": asdict(sft) if sft else None, "grpo": asdict(grpo) if grpo else None, "hardware": f"{platform.machine()} {platform.processor()}".strip()}
     result = {"out": str(out), "meta": meta}
     if sft is not None:
         data_path = out / "sft-data.jsonl"
@@ -57,9 +59,15 @@ def train(questions_file: str | Path, index, cfg: Config, out: str | Path, *, mo
         state = run_sft(net, data, out, sft, meta, on_step=lambda rec: emit("step", rec))
         result["sft_steps"] = state["step"]
         result["sft_examples"] = len(data)
-    if sft is None:
-        raise InputError("nothing to train: GRPO lands in a later version; pass --sft",
-                         fix="mmhops-lite train --lora --sft ...")
+    if grpo is not None and grpo.steps > 0:
+        emit("phase", {"name": "grpo", "steps": grpo.steps})
+        state = run_grpo(net, tok, questions, index, cfg, grpo, out, base_dir, base_gguf, meta,
+                         on_step=lambda rec: emit("step", rec), on_warning=lambda msg: emit("warning", {"text": msg}))
+        result["grpo_steps"] = state["step"]
+        png = plot_curves(out)
+        result["curves"] = str(png) if png else None
+    if sft is None and (grpo is None or grpo.steps == 0):
+        raise InputError("nothing to train", fix="pass --sft and/or --steps N")
     meta["wall_seconds"] = round(time.perf_counter() - t0, 1)
     adapter = save_adapter(net, out / "adapter", meta)
     result["adapter"] = str(adapter)

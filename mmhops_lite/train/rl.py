@@ -83,7 +83,7 @@ def run_grpo(net, tok, questions: Sequence[Question], index, cfg: Config, g: GRP
         t1 = time.perf_counter()
         net.train()
         opt.zero_grad(set_to_none=True)
-        trained, zero_groups, stats = 0, 0, []
+        trained, zero_groups, stats, loss_sum = 0, 0, [], 0.0
         n_train = sum(1 for _, ro in groups for _ in ro)
         for q, ro in groups:
             adv = advantages([r["total"] for _, _, r in ro], "grpo" if g.loss == "grpo" else "dr_grpo")
@@ -96,6 +96,7 @@ def run_grpo(net, tok, questions: Sequence[Question], index, cfg: Config, g: GRP
                 te = tokenize_episode(tok, ep.prompt, ep.segments)
                 loss, st = episode_loss(net, te, a, g)
                 (loss / n_train).backward()
+                loss_sum += float(loss.detach()) / n_train
                 stats.append(st)
                 trained += 1
         if trained:
@@ -103,7 +104,7 @@ def run_grpo(net, tok, questions: Sequence[Question], index, cfg: Config, g: GRP
             opt.step()
         t_loss = time.perf_counter() - t1
         flat = [r for _, ro in groups for r in ro]
-        rec = {"phase": "grpo", "step": step + 1, "of": g.steps,
+        rec = {"phase": "grpo", "step": step + 1, "of": g.steps, "loss": round(loss_sum, 6),
                "reward": round(sum(r["total"] for _, _, r in flat) / len(flat), 4),
                **{f"reward_{k}": round(sum(r[k] for _, _, r in flat) / len(flat), 4) for k in ("outcome", "format", "action")},
                "accuracy": round(sum(r["correct"] for _, _, r in flat) / len(flat), 4),
