@@ -214,12 +214,8 @@ def demo(quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress ba
     tr = _run(api.ask, [image], question, cfg, idx_path, on_event=None if as_json else _render_event)
     if as_json:
         print(json.dumps(tr.to_dict(), ensure_ascii=False, indent=2))
-    elif tr.answer is None:
-        console.print("[bold red]no answer[/bold red] within the turn budget")
     else:
-        console.print(f"\n[bold green]answer:[/bold green] {escape(tr.answer)}", highlight=False)
-        for e in tr.evidence:
-            console.print(f"  evidence: {escape(e['title'])} [dim]({e['id']})[/dim]", highlight=False)
+        _print_answer(tr)
 
 
 # ---------------------------------------------------------------------------------------------- ask, eval, data
@@ -241,6 +237,16 @@ def _render_event(kind: str, payload) -> None:
         console.print(f"[bold {style}]{h.action}[/bold {style}] {escape(h.argument)}  {cost}", highlight=False)
         for r in h.results:
             console.print(f"    {r['score']:.3f}  {escape(r['title'])}  [dim]{r['id']}[/dim]", highlight=False)
+
+
+def _print_answer(tr) -> None:
+    """The answer and the evidence it rests on."""
+    if tr.answer is None:
+        console.print("[bold red]no answer[/bold red] within the turn budget")
+        return
+    console.print(f"\n[bold green]answer:[/bold green] {escape(tr.answer)}", highlight=False)
+    for e in tr.evidence:
+        console.print(f"  evidence: {escape(e['title'])} [dim]({e['id']}, {e['score']:.3f})[/dim]", highlight=False)
 
 
 @app.command("ask", context_settings={"allow_extra_args": False})
@@ -275,12 +281,7 @@ def ask(
     if as_json:
         print(json.dumps(tr.to_dict(), ensure_ascii=False, indent=2))
         return
-    if tr.answer is None:
-        console.print("[bold red]no answer[/bold red] within the turn budget")
-    else:
-        console.print(f"\n[bold green]answer:[/bold green] {escape(tr.answer)}", highlight=False)
-        for e in tr.evidence:
-            console.print(f"  evidence: {escape(e['title'])} [dim]({e['id']}, {e['score']:.3f})[/dim]", highlight=False)
+    _print_answer(tr)
     t = tr.timings
     console.print(f"[dim]{len(tr.hops)} turns, {tr.tokens['evaluated']} tokens evaluated, {tr.tokens['generated']} "
                   f"generated; loop {t['total_s']:.2f}s, perception {t.get('perception_s', 0):.2f}s, "

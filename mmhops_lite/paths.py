@@ -24,6 +24,17 @@ def cache_dir(*parts: str) -> Path:
     return p
 
 
+def sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def free_cores() -> int:
     """Cores not busy with other processes (at least 1): torch slows ~10x when it oversubscribes."""
     n = os.cpu_count() or 1

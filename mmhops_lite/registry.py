@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ModelNotFound
-from .paths import cache_dir, home
+from .paths import cache_dir, home, sha256
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
@@ -110,11 +110,7 @@ def sha256_file(path: Path, _memo: dict = {}) -> str:  # noqa: B006 - process-wi
     except (OSError, json.JSONDecodeError):
         disk = {}
     if key not in disk:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        disk[key] = h.hexdigest()
+        disk[key] = sha256(path)
         tmp = store.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(disk))
         os.replace(tmp, store)

@@ -1,5 +1,4 @@
 """Training data from episodes: masks follow what the policy wrote, never token ids (pad == eos safe)."""
-import json
 
 import pytest
 from fakes import HashTextEncoder, TinyImageEncoder

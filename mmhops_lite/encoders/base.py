@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from ..errors import ConfigError, ModelNotFound, require
-from ..paths import free_cores
+from ..paths import sha256, free_cores
 
 BACKENDS = ("onnx", "torch")
 OPSET = 17
@@ -82,12 +82,6 @@ def ort_session(path: Path):
 
 # ---------------------------------------------------------------- stamped ONNX cache
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fingerprint(path: Path, known: dict | None = None) -> dict:
@@ -97,7 +91,7 @@ def _fingerprint(path: Path, known: dict | None = None) -> dict:
     if known and known.get("size") == fp["size"] and known.get("mtime_ns") == fp["mtime_ns"] and known.get("sha256"):
         fp["sha256"] = known["sha256"]
     else:
-        fp["sha256"] = _sha256(path)
+        fp["sha256"] = sha256(path)
     return fp
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from ..config import IndexConfig
 from ..errors import IndexCorrupt
-from .index import FORMAT_VERSION, MANIFEST, STORE, BuildReport, Encoder, _encode_batches, _sha256, \
-    _write_json_atomic, writer_lock
+from ..paths import sha256
+from .index import FORMAT_VERSION, MANIFEST, STORE, BuildReport, Encoder, _encode_batches, _write_json_atomic, \
+    writer_lock
 from .kb import KnowledgeBase, content_hash
 from .store import KINDS, Store
 from .vectors import VectorIndex
@@ -149,7 +150,7 @@ def _old_graph(root: Path, man: dict | None, kind: str, dim: int, cfg: IndexConf
     if not entry or man["encoders"].get(kind, {}).get("dim") != dim:
         return None
     p = root / entry["name"]
-    if not p.is_file() or p.stat().st_size != entry["size"] or _sha256(p) != entry["sha256"]:
+    if not p.is_file() or p.stat().st_size != entry["size"] or sha256(p) != entry["sha256"]:
         return None
     return VectorIndex.load(p, dim, cfg.ef_search, cfg.M, cfg.ef_construction)
 
@@ -181,7 +182,7 @@ def _publish(root: Path, store: Store, cfg: IndexConfig, *, progress: bool, fres
         vi.mark_deleted(present - live)
         name = f"{kind}-{gen:06d}.hnsw"
         vi.save(root / name)
-        files[kind] = {"name": name, "size": (root / name).stat().st_size, "sha256": _sha256(root / name)}
+        files[kind] = {"name": name, "size": (root / name).stat().st_size, "sha256": sha256(root / name)}
     manifest = {
         "format_version": FORMAT_VERSION,
         "generation": gen,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import time
@@ -15,8 +14,8 @@ import numpy as np
 
 from ..config import IndexConfig, SearchConfig
 from ..errors import IndexCorrupt, IndexLocked, InputError
+from ..paths import sha256
 from ..types import Entity, PassageHit
-from .kb import KnowledgeBase, content_hash
 from .store import Store
 from .vectors import VectorIndex
 
@@ -43,12 +42,6 @@ class BuildReport:
     rates: dict
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
@@ -129,7 +122,7 @@ class MultimodalIndex:
             if p.stat().st_size != entry["size"]:
                 raise IndexCorrupt(f"index file {p} is truncated or altered ({p.stat().st_size} bytes, manifest "
                                    f"says {entry['size']})", path=p, fix=f"run: mmhops-lite index repair {self.root}")
-            if verify and _sha256(p) != entry["sha256"]:
+            if verify and sha256(p) != entry["sha256"]:
                 raise IndexCorrupt(f"index file {p} does not match its checksum", path=p,
                                    fix=f"run: mmhops-lite index repair {self.root}")
         return man

@@ -71,7 +71,7 @@ def gold_turns(q: Question) -> list[str] | None:
     ans = q.answer
     if t in ("capital", "population", "category") and chain:
         rel = {"capital": "capital", "population": "population", "category": "category"}[t]
-        return [f"<think>First identify what image 1 shows.</think><image_search>1</image_search>",
+        return ["<think>First identify what image 1 shows.</think><image_search>1</image_search>",
                 f"<think>It is {chain[0]}. Now find its {rel}.</think><text_search>{chain[0]} {rel}</text_search>",
                 f"<think>The passage gives the {rel}.</think><answer>{ans}</answer>"]
     if t == "parent-capital" and len(chain) >= 3:
