@@ -113,8 +113,16 @@ def generator(cfg: Config, model: str | None = None, backend: str | None = None)
     """The configured policy generator (llama.cpp by default)."""
     from .backends.base import get_generator
 
-    return get_generator(backend or cfg.model.backend, model or cfg.model.policy, n_ctx=cfg.model.n_ctx,
-                         threads=cfg.model.threads, adapter=cfg.model.adapter or None)
+    from .registry import shipped_adapter
+
+    policy = model or cfg.model.policy
+    adapter = cfg.model.adapter
+    if adapter in ("", "none"):
+        adapter = None
+    elif adapter == "auto":
+        adapter = shipped_adapter(policy)
+    return get_generator(backend or cfg.model.backend, policy, n_ctx=cfg.model.n_ctx, threads=cfg.model.threads,
+                         adapter=adapter)
 
 
 def resolve_index(cfg: Config, index: str | Path | None, progress: bool = True) -> Path:

@@ -50,7 +50,8 @@ class ModelConfig:
     """The policy model that decides to search or answer."""
 
     policy: str = _f("smollm2-135m-instruct", "policy: registry name, .gguf file or Hugging Face folder")
-    adapter: str = _f("", "LoRA adapter: a `train` output folder, a PEFT folder or a .gguf adapter (empty = none)")
+    adapter: str = _f("auto", "LoRA adapter: `auto` (the adapter shipped in models/ for the policy, if any), `none`, "
+                              "a `train` output folder, a PEFT folder or a .gguf adapter")
     backend: str = _f("llamacpp", "generator backend: llamacpp or torch")
     n_ctx: int = _f(4096, "context window in tokens")
     threads: int = _f(0, "CPU threads; 0 = the cores not busy with other processes")

@@ -177,3 +177,9 @@ def resolve(name_or_path: str | os.PathLike, role: str | None = None) -> Path:
     if spec.format == "hf":
         return paths[0].parent
     return paths[0]
+
+
+def shipped_adapter(policy: str) -> Path | None:
+    """The LoRA adapter shipped in models/adapters/<policy>/ for a registry policy, if there is one."""
+    folder = MODELS_DIR / "adapters" / str(policy)
+    return folder if (folder / "adapter.gguf").is_file() or (folder / "adapter_config.json").is_file() else None

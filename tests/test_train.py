@@ -141,3 +141,29 @@ def test_grpo_steps_train_lora_and_resume_exactly(world, tiny_hf, tmp_path, monk
     rows_part = [json.loads(x) for x in (part / "grpo-log.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in rows_part] == pytest.approx([r["loss"] for r in rows], abs=1e-5)
     assert [r["reward"] for r in rows_part] == [r["reward"] for r in rows]
+
+
+def test_adapter_converts_to_gguf_and_llamacpp_loads_it(world, tiny_hf, tiny_gguf, tmp_path):
+    from mmhops_lite import grammar
+    from mmhops_lite.backends.base import get_generator
+    from mmhops_lite.train.policy import adapter_to_gguf
+
+    out = tmp_path / "a"
+    run(world, out, tiny_hf, epochs=1)
+    gguf = adapter_to_gguf(out / "adapter", tiny_hf, out / "adapter.gguf")
+    assert gguf.read_bytes()[:4] == b"GGUF"
+    prompt = grammar.render_chatml(grammar.messages("Which city?", []))
+    # The train run folder itself is accepted as --adapter: the backend picks the GGUF file.
+    with_lora = get_generator("llamacpp", str(tiny_gguf), n_ctx=512, threads=1, adapter=str(out))
+    plain = get_generator("llamacpp", str(tiny_gguf), n_ctx=512, threads=1)
+    assert with_lora.id.endswith("+adapter.gguf")
+    import numpy as np
+
+    last = []
+    for g in (with_lora, plain):
+        toks = g.tokenize(prompt)
+        g.llm.reset()
+        g.llm.eval(toks)
+        last.append(np.ctypeslib.as_array(g.llm._ctx.get_logits(), shape=(g.llm.n_vocab(),)).copy())
+
+    assert np.isfinite(last[0]).all() and not np.allclose(last[0], last[1])
