@@ -1,0 +1,66 @@
+"""GRPO step time and rollout generation speed, llama.cpp engine vs torch engine, side by side in one run.
+
+    python bench/bench_train.py [--steps 3] [--adapter runs/sft] [--questions Q.jsonl]
+
+Each engine runs the same GRPO steps (2 questions x group 4, default policy, LoRA r=16) from the same starting
+adapter on the demo index; prints seconds per step (rollouts / update) and rollout tokens per second.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    from mmhops_lite import api
+    from mmhops_lite.config import Config
+    from mmhops_lite.train.grpo import GRPOConfig
+    from mmhops_lite.train.policy import LoraSpec
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--adapter", type=Path, help="start from this train run's adapter (e.g. an SFT warm start)")
+    ap.add_argument("--questions", type=Path, default=api.demo_paths()[0].parent / "questions" / "train.jsonl")
+    a = ap.parse_args()
+    cfg = Config.resolve()
+    rows = {}
+    for engine in ("llamacpp", "torch"):
+        out = Path(tempfile.mkdtemp(prefix=f"bench-train-{engine}-"))
+        try:
+            if a.adapter:  # start both engines from the same weights: copy the run's checkpoint as a GRPO one
+                shutil.copytree(a.adapter / "checkpoint", out / "grpo-checkpoint")
+                st = json.loads((out / "grpo-checkpoint" / "state.json").read_text())
+                st["state"] = {"step": 0, "zero_var": 0, "no_search": 0}
+                (out / "grpo-checkpoint" / "state.json").write_text(json.dumps(st))
+                (out / "grpo-checkpoint" / "optimizer.safetensors").unlink(missing_ok=True)
+            api.train_policy(a.questions, cfg, out, lora=LoraSpec(), sft=None,
+                             grpo=GRPOConfig(steps=a.steps, engine=engine, checkpoint_every=10**6))
+            log = [json.loads(x) for x in (out / "grpo-log.jsonl").read_text().splitlines()]
+            n_roll = 2 * 4
+            rows[engine] = {
+                "step_s": statistics.median(r["seconds"] for r in log),
+                "rollout_s": statistics.median(r["rollout_s"] for r in log),
+                "update_s": statistics.median(r["update_s"] for r in log),
+                "rollout_tok_s": statistics.median(r["completion_tokens"] * n_roll / max(r["rollout_s"], 1e-9)
+                                                   for r in log),
+            }
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+    print(f"{'engine':10} {'s/step':>8} {'rollouts s':>11} {'update s':>9} {'rollout tok/s':>14}")
+    for e, r in rows.items():
+        print(f"{e:10} {r['step_s']:8.1f} {r['rollout_s']:11.1f} {r['update_s']:9.1f} {r['rollout_tok_s']:14.1f}")
+    if len(rows) == 2:
+        print(f"llama.cpp / torch: step {rows['torch']['step_s'] / rows['llamacpp']['step_s']:.2f}x faster, "
+              f"rollout tokens/s {rows['llamacpp']['rollout_tok_s'] / rows['torch']['rollout_tok_s']:.2f}x "
+              f"(target: <= 20 s per step)")
+
+
+if __name__ == "__main__":
+    main()
