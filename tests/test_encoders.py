@@ -152,10 +152,10 @@ def test_image_onnx_matches_torch_synthetic(image_pair):
     onnx, ref = image_pair
     imgs = synthetic_images()
     a, b = onnx.encode(imgs), ref.encode(imgs)
-    assert a.shape == (len(imgs), 1280) and a.dtype == np.float32
+    assert a.shape == (len(imgs), 1344) and a.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
     assert _cos(a, b).min() >= 0.999
-    assert onnx.id == ref.id == "efficientnet-lite0/squash-mv6" and onnx.model_id == "efficientnet-lite0"
+    assert onnx.id == ref.id == "efficientnet-lite0/squash-mv6-rgb64" and onnx.model_id == "efficientnet-lite0"
 
 
 def test_image_real_photos(image_pair):

@@ -39,6 +39,9 @@ PREPROCESS = "squash"
 # stands for the image, so a cropped or shifted query still lands near it (0.907 -> 0.948, one vector per image).
 VIEW_SIDE = 0.8
 VIEWS = ((0.5, 0.5), (0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0))
+# ImageNet features are trained to ignore colour, yet colour tells flags (France/Peru, Italy/Ireland) apart: a
+# 64-bin colour histogram joins the embedding with weight HIST_WEIGHT of the cosine (0.948 -> 0.977 on the demo).
+HIST_BINS, HIST_WEIGHT = 4, 0.25
 
 
 def default_weights() -> Path:
@@ -117,6 +120,22 @@ def center_box(w: int, h: int) -> tuple:
     return ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
 
 
+def color_hist(im, box: tuple | None = None) -> np.ndarray:
+    """Unit-length square-rooted 4x4x4 RGB histogram of an image (or a box of it), on a 64x64 thumbnail."""
+    from PIL import Image
+
+    a = np.asarray(im.resize((64, 64), Image.BILINEAR, box=box or (0, 0, *im.size)), dtype=np.uint8).reshape(-1, 3)
+    idx = (a[:, 0] // (256 // HIST_BINS)) * HIST_BINS * HIST_BINS + (a[:, 1] // (256 // HIST_BINS)) * HIST_BINS + \
+        a[:, 2] // (256 // HIST_BINS)
+    h = np.sqrt(np.bincount(idx, minlength=HIST_BINS ** 3).astype(np.float32))
+    return h / max(float(np.linalg.norm(h)), 1e-9)
+
+
+def join_color(emb: np.ndarray, hists: np.ndarray) -> np.ndarray:
+    """[sqrt(1-w) * embedding, sqrt(w) * histogram]: cosine = (1-w) cos_embedding + w cos_histogram."""
+    return np.concatenate([emb * np.sqrt(1 - HIST_WEIGHT), hists * np.sqrt(HIST_WEIGHT)], axis=1).astype(np.float32)
+
+
 def view_boxes(w: int, h: int) -> list[tuple | None]:
     """The index-time views of a w x h image: the whole image, then 0.8-side crops at centre and corners."""
     cw, ch = w * VIEW_SIDE, h * VIEW_SIDE
@@ -146,17 +165,19 @@ class ImageEncoder:
         self.arch = f"efficientnet-{m.group(1)}" if m else DEFAULT_ID
         # The id names the preprocessing too: an index built with other preprocessing must not be searched with this.
         self.model_id = DEFAULT_ID if self._default else slug(self.weights.stem)
-        self.id = f"{self.model_id}/{PREPROCESS}-mv{len(VIEWS) + 1}"
+        self.id = f"{self.model_id}/{PREPROCESS}-mv{len(VIEWS) + 1}-rgb{HIST_BINS ** 3}"
         self.dim = 1280
         self.export_seconds = 0.0
         self._session = self._net = None
         if self.backend == "onnx":
             self._session = self._load_onnx()
             self.size = int(self._session.get_inputs()[0].shape[2])
-            self.dim = int(self._session.get_outputs()[0].shape[1])
+            self.net_dim = int(self._session.get_outputs()[0].shape[1])
             self.num_classes = int(self._session.get_outputs()[1].shape[1])
         else:
             self._net = self._build_torch()
+            self.net_dim = self.dim
+        self.dim = self.net_dim + HIST_BINS ** 3
         self.labels = imagenet_labels() if self.num_classes == 1000 else [f"class {i}" for i in
                                                                            range(self.num_classes)]
 
@@ -222,14 +243,16 @@ class ImageEncoder:
 
     def _forward(self, items: list, batch_size: int, crop: bool = False) -> tuple[np.ndarray, np.ndarray]:
         items = list(items)
-        embs = np.zeros((len(items), self.dim), np.float32)
+        embs = np.zeros((len(items), self.net_dim), np.float32)
+        hists = np.zeros((len(items), HIST_BINS ** 3), np.float32)
         logits = np.zeros((len(items), self.num_classes), np.float32)
         batch_size = max(1, int(batch_size))
         for start in range(0, len(items), batch_size):
             chunk = [load_image(it) for it in items[start:start + batch_size]]
             x = np.stack([preprocess(im, self.size, center_box(*im.size) if crop else None) for im in chunk])
             embs[start:start + len(chunk)], logits[start:start + len(chunk)] = self._run(x)
-        return l2_normalize(embs), logits
+            hists[start:start + len(chunk)] = np.stack([color_hist(im) for im in chunk])
+        return join_color(l2_normalize(embs), hists), logits
 
     def encode(self, items: list, batch_size: int = 16) -> np.ndarray:
         """Embed images (PIL images, paths or bytes) as float32 (N, 1280) unit rows, in input order."""
@@ -240,8 +263,10 @@ class ImageEncoder:
         out = np.zeros((len(items), self.dim), np.float32)
         for i, it in enumerate(items):
             im = load_image(it)
-            x = np.stack([preprocess(im, self.size, b) for b in view_boxes(*im.size)])
-            out[i] = l2_normalize(self._run(x)[0]).mean(axis=0)
+            boxes = view_boxes(*im.size)
+            x = np.stack([preprocess(im, self.size, b) for b in boxes])
+            hists = np.stack([color_hist(im, b) for b in boxes])
+            out[i] = join_color(l2_normalize(self._run(x)[0]), hists).mean(axis=0)
         return l2_normalize(out)
 
     def describe(self, items: list, top_k: int = 5, batch_size: int = 16) -> list[tuple[np.ndarray, list]]:

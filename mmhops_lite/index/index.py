@@ -148,7 +148,10 @@ class MultimodalIndex:
 
     # searching --------------------------------------------------------------------------------------
     def search_text(self, query: str, k: int | None = None) -> list[PassageHit]:
-        """Hybrid text search: dense (hnswlib) and BM25 (FTS5) rankings fused by reciprocal rank."""
+        """Hybrid text search: dense (hnswlib), BM25 (FTS5) and entity-title rankings fused by reciprocal rank.
+
+        The third ranking links the query to entities: passages whose title the query names word for word
+        (longest names first), since multi-hop queries carry the entity found in the previous hop."""
         k = k or self.search_cfg.top_k
         n = self.search_cfg.candidates
         dense: list[tuple[int, float]] = []
@@ -161,6 +164,11 @@ class MultimodalIndex:
             fused[lab] = fused.get(lab, 0.0) + 1.0 / (rrf + rank + 1)
         for rank, (lab, _) in enumerate(bm25):
             fused[lab] = fused.get(lab, 0.0) + 1.0 / (rrf + rank + 1)
+        if self.search_cfg.hybrid:
+            named = self.store.labels_for_titles(_ngrams(query))
+            named.sort(key=lambda lt: -len(lt[1]))
+            for rank, (lab, _) in enumerate(named):
+                fused[lab] = fused.get(lab, 0.0) + 1.0 / (rrf + rank + 1)
         best = sorted(fused, key=lambda lab: -fused[lab])[:k]
         rows = self.store.passages_by_label(best)
         dsim = dict(dense)
@@ -193,6 +201,17 @@ class MultimodalIndex:
     def info(self) -> dict:
         """The manifest plus live counts."""
         return {**self.manifest, "path": str(self.root)}
+
+
+def _ngrams(query: str, longest: int = 6) -> list[str]:
+    """Word n-grams of a query (punctuation at word ends dropped): the candidate entity names it may carry.
+
+    >>> _ngrams("Peru capital?", 2)
+    ['Peru', 'Peru capital', 'capital']
+    """
+    words = [w.strip(".,;:!?\"'()[]") for w in query.split()]
+    words = [w for w in words if w]
+    return [" ".join(words[i:j]) for i in range(len(words)) for j in range(i + 1, min(len(words), i + longest) + 1)]
 
 
 def _encode_batches(items, encode: Callable, batch: int, commit: Callable, label: str, progress: bool) -> int:

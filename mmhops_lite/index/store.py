@@ -140,6 +140,14 @@ class Store:
                               (title,)).fetchone()
         return Passage(*row) if row else None
 
+    def labels_for_titles(self, titles: list[str]) -> list[tuple[int, str]]:
+        """(label, title) of passages whose title is one of `titles` (case-insensitive)."""
+        titles = list(dict.fromkeys(t for t in titles if len(t) >= 3))[:200]
+        if not titles:
+            return []
+        q = f"SELECT label, title FROM passages WHERE title COLLATE NOCASE IN ({','.join('?' * len(titles))})"
+        return [(r[0], r[1]) for r in self.db.execute(q, titles)]
+
     def passage(self, pid: str) -> Passage | None:
         row = self.db.execute("SELECT id, title, text, source FROM passages WHERE id=?", (pid,)).fetchone()
         return Passage(*row) if row else None
