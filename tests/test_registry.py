@@ -76,3 +76,13 @@ def test_split_model_is_joined_once(tmp_path, monkeypatch):
     monkeypatch.setattr(registry, "manifests", lambda models_dir=None: {"split": spec})
     out = registry.resolve("split")
     assert out.read_bytes() == b"GGUF-head-tail" and out.parent == tmp_path / "home" / "models"
+
+
+def test_shipped_adapter_is_found_for_the_default_policy():
+    from mmhops_lite.backends.base import adapter_for
+
+    folder = registry.shipped_adapter("smollm2-135m-instruct")
+    assert folder is not None and folder.name == "smollm2-135m-instruct"
+    assert adapter_for("llamacpp", folder).name == "adapter.gguf"
+    assert adapter_for("torch", folder) == folder
+    assert registry.shipped_adapter("qwen2.5-coder-0.5b-instruct") is None
