@@ -450,6 +450,11 @@ def models_list(as_json: bool = typer.Option(False, "--json", help="JSON output.
         pk = m["packages"][0]["name"] + (f" (+{len(m['packages']) - 1})" if len(m["packages"]) > 1 else "")
         t.add_row(m["name"], m["role"], "yes" if m["default"] else "", f"{m['size'] / 1e6:.0f} MB", pk, m["license"][:40])
     console.print(t)
+    from mmhops_lite.registry import MODELS_DIR
+
+    for folder in sorted((MODELS_DIR / "adapters").glob("*/")):
+        console.print(f"shipped LoRA adapter for [bold]{folder.name}[/bold]: {folder} (used by default; --adapter none "
+                      "to switch it off)")
 
 
 @models_app.command("verify")
