@@ -432,6 +432,66 @@ def train_cmd(
     console.print(f"use it: mmhops-lite ask IMAGE \"QUESTION\" --adapter {res['out']}")
 
 
+export_app = typer.Typer(rich_markup_mode="rich", help="Export the policy for stock runtimes, and verify bundles.")
+app.add_typer(export_app, name="export")
+
+
+@export_app.callback(invoke_without_command=True)
+def export_cmd(
+    ctx: typer.Context,
+    gguf: bool = typer.Option(False, "--gguf", help="Export a GGUF bundle for llama.cpp."),
+    model: Optional[str] = typer.Option(None, "--model", help="Base policy (default: the configured one)."),
+    adapter: Optional[str] = typer.Option("auto", "--adapter", help="LoRA to merge: a train run folder, PEFT folder, "
+                                                                    "`auto` (the shipped one) or `none`."),
+    quant: str = typer.Option("q8_0", "--quant", help="f16, q8_0 (default) or q4_k_m."),
+    adapter_only: bool = typer.Option(False, "--adapter-only", help="Write only the LoRA as a GGUF adapter over the "
+                                                                    "base GGUF (no merge)."),
+    out: Path = typer.Option(Path("bundle"), "-o", "--out", help="Bundle folder to write."),
+    prompts: int = typer.Option(50, "--prompts", help="Prompts for the parity gate."),
+    force: bool = typer.Option(False, "--force", help="Write the bundle even below the parity gate."),
+):
+    """Export base + adapter as a verified, quantized bundle; every export runs the parity gate against torch.
+
+    [bold]Examples[/bold]:
+      mmhops-lite export --gguf -o bundles/smol-q8                     # merged, Q8_0
+      mmhops-lite export --gguf --adapter runs/mine --quant f16 -o b/  # your adapter, F16
+      mmhops-lite export --gguf --adapter-only -o bundles/smol-lora    # LoRA over the registry's base GGUF
+      mmhops-lite export verify bundles/smol-q8 --parity
+      mmhops-lite ask photo.jpg "..." --model bundles/smol-q8
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if not gguf:
+        err.print("[bold red]\\[error][/bold red] choose a format: --gguf")
+        raise typer.Exit(1)
+    from export.bundle import export_gguf
+    from mmhops_lite.registry import shipped_adapter
+
+    cfg = _run(_cfg)
+    base = model or cfg.model.policy
+    chosen = shipped_adapter(base) if adapter == "auto" else (None if adapter in (None, "none") else adapter)
+    man = _run(export_gguf, base, str(chosen) if chosen else None, out, quant, adapter_only, prompts,
+               api.demo_paths()[0].parent / "questions" / "dev.jsonl", force)
+    p = man["parity"]
+    console.print(f"[green]bundle written[/green] {out}: {man['kind']} {man['quant'] or ''}  parity "
+                  f"{p['greedy_top1_agreement']:.3f} (gate {p['gate']}) over {p['prompts']} prompts, {man['seconds']}s")
+
+
+@export_app.command("verify")
+def export_verify(bundle: Path = typer.Argument(..., help="Bundle folder."),
+                  parity: bool = typer.Option(False, "--parity", help="Also recompute parity against torch.")):
+    """Check a bundle's checksums (and optionally its parity); a corrupt or truncated bundle is refused.
+
+    [bold]Example[/bold]: mmhops-lite export verify bundles/smol-q8 --parity
+    """
+    from export.bundle import verify_bundle
+
+    res = _run(verify_bundle, bundle, parity)
+    console.print(f"[green]verified[/green] {bundle}: {res}")
+    if not res["ok"]:
+        raise typer.Exit(1)
+
+
 # ---------------------------------------------------------------------------------------------- models, config
 @models_app.command("list")
 def models_list(as_json: bool = typer.Option(False, "--json", help="JSON output.")):

@@ -113,9 +113,12 @@ def generator(cfg: Config, model: str | None = None, backend: str | None = None)
     """The configured policy generator (llama.cpp by default)."""
     from .backends.base import get_generator
 
+    from .bundle import bundle_generator, is_bundle
     from .registry import shipped_adapter
 
     policy = model or cfg.model.policy
+    if is_bundle(policy):  # an export bundle carries its own policy (and adapter): checked, then loaded
+        return bundle_generator(policy, n_ctx=cfg.model.n_ctx, threads=cfg.model.threads)
     adapter = cfg.model.adapter
     if adapter in ("", "none"):
         adapter = None

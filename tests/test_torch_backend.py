@@ -230,3 +230,21 @@ def test_loop_runs_through_torch_backend(tiny_dirs, tiny_kb, tmp_path):
     assert tr.tokens["generated"] > 0 and tr.models["policy"] == "tiny-llama"
     assert tr.tokens["evaluated"] <= tr.tokens["prompt"] + tr.tokens["generated"]  # the KV cache was reused
     json.dumps(tr.to_dict())
+
+
+def test_saved_gguf_tokenizer_is_plain_byte_level_and_encodes_the_same(tmp_path):
+    import json
+
+    from transformers import AutoTokenizer
+
+    from mmhops_lite.backends.torch_backend import save_tokenizer, tokenizer_from_gguf
+    from mmhops_lite.registry import resolve
+
+    tok = tokenizer_from_gguf(resolve("smollm2-135m-instruct"))
+    save_tokenizer(tok, tmp_path / "t")
+    d = json.loads((tmp_path / "t" / "tokenizer.json").read_text())
+    assert d["model"]["byte_fallback"] is False and d["decoder"]["type"] == "ByteLevel"
+    again = AutoTokenizer.from_pretrained(str(tmp_path / "t"))
+    for s in ["Hello world!", " Île de France — café 東京 ✓", "<|im_start|>user\nQ?<|im_end|>", "<answer>x</answer>"]:
+        ids = tok(s, add_special_tokens=False).input_ids
+        assert again(s, add_special_tokens=False).input_ids == ids and again.decode(ids) == s

@@ -71,6 +71,27 @@ def save_tokenizer(tok, folder: Path) -> None:
     bogus = folder / "tokenizer.model"
     if bogus.is_file() and (_is_bpe(tok) or bogus.read_bytes()[:4] == b"GGUF"):
         bogus.unlink()  # fast tokenizers load from tokenizer.json; a wrong tokenizer.model would only mislead
+    _plain_byte_level(folder / "tokenizer.json")
+
+
+def _plain_byte_level(path: Path) -> None:
+    """Give a GGUF-derived byte-level BPE tokenizer.json the plain GPT-2 form.
+
+    transformers (4.57) writes byte_fallback and a SentencePiece-style decoder chain for GPT-2-style GGUF
+    vocabularies; llama.cpp's converter then takes it for a SentencePiece vocabulary and the converted GGUF aborts
+    on its first tokenization. Byte-level pre-tokenisation makes byte fallback unreachable, so encodings do not
+    change (checked in the tests), and a ByteLevel decoder decodes them exactly.
+    """
+    if not path.is_file():
+        return
+    d = json.loads(path.read_text(encoding="utf-8"))
+    pre = json.dumps(d.get("pre_tokenizer") or {})
+    model, dec = d.get("model") or {}, d.get("decoder") or {}
+    if model.get("type") == "BPE" and model.get("byte_fallback") and '"ByteLevel"' in pre \
+            and '"ByteLevel"' in json.dumps(dec):
+        model["byte_fallback"] = False
+        d["decoder"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+        path.write_text(json.dumps(d, ensure_ascii=False), encoding="utf-8")
 
 
 def _is_bpe(tok) -> bool:

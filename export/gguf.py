@@ -1,0 +1,85 @@
+"""GGUF export: base + LoRA -> merged Hugging Face checkpoint -> GGUF F16 -> quantized; or the adapter alone."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from mmhops_lite.errors import InputError, MmhopsError, require
+from mmhops_lite.paths import free_cores, llama_cpp_source
+
+QUANTS = {"f16": "LLAMA_FTYPE_MOSTLY_F16", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+
+
+def merge(base: str | Path, adapter: str | Path | None, out: Path) -> Path:
+    """Write base (+ adapter merged in) as a Hugging Face folder with its tokenizer and chat template."""
+    transformers = require("transformers", "export")
+    torch = require("torch", "export")
+    from mmhops_lite.backends.base import adapter_for
+    from mmhops_lite.backends.torch_backend import save_tokenizer
+    from mmhops_lite.train.policy import base_folder
+
+    folder, _ = base_folder(base)
+    tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    if adapter:
+        peft = require("peft", "train")
+        model = peft.PeftModel.from_pretrained(model, str(adapter_for("torch", adapter))).merge_and_unload()
+    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    save_tokenizer(tok, tmp)  # the converter must read a plain byte-level BPE tokenizer (see save_tokenizer)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def convert(hf_dir: Path, out: Path, outtype: str = "f16") -> Path:
+    """Convert a Hugging Face folder to GGUF with llama.cpp's converter from the pinned source package."""
+    src = llama_cpp_source()
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    env = {**os.environ, "PYTHONPATH": str(src / "gguf-py") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile", str(tmp),
+                        "--outtype", outtype], env=env, capture_output=True, text=True)
+    if r.returncode != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise MmhopsError(f"GGUF conversion of {hf_dir} failed: {r.stderr.strip()[-800:]}", path=hf_dir,
+                          fix="check the model folder (config.json, weights, tokenizer); rerun bash scripts/setup.sh")
+    os.replace(tmp, out)
+    return out
+
+
+def quantize(src: Path, out: Path, quant: str) -> Path:
+    """Quantize a GGUF in-process with llama.cpp (f16 is a copy)."""
+    if quant not in QUANTS:
+        raise InputError(f"unknown quantization '{quant}'", fix=f"use one of: {', '.join(QUANTS)}")
+    if quant == "f16":
+        shutil.copyfile(src, out)
+        return out
+    llama_cpp = require("llama_cpp", "all")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, QUANTS[quant])
+    params.nthread = free_cores()
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+    if rc != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise MmhopsError(f"llama.cpp could not quantize {src} to {quant} (code {rc})", path=src,
+                          fix="try --quant f16 or q8_0")
+    os.replace(tmp, out)
+    return out
+
+
+def gguf_metadata(path: Path) -> dict:
+    """A few identifying fields of a GGUF (architecture, name, file type)."""
+    llama_cpp = require("llama_cpp", "all")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, vocab_only=True, verbose=False)
+    meta = dict(llm.metadata)
+    return {k: meta.get(k) for k in ("general.architecture", "general.name", "general.file_type")} | {
+        "chat_template": bool(meta.get("tokenizer.chat_template"))}
+
+
+__all__ = ["merge", "convert", "quantize", "QUANTS", "gguf_metadata", "json"]
