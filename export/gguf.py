@@ -4,12 +4,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 from mmhops_lite.errors import InputError, MmhopsError, require
-from mmhops_lite.paths import free_cores, llama_cpp_source
+from mmhops_lite.paths import free_cores
 
 QUANTS = {"f16": "LLAMA_FTYPE_MOSTLY_F16", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 
@@ -39,17 +37,11 @@ def merge(base: str | Path, adapter: str | Path | None, out: Path) -> Path:
 
 def convert(hf_dir: Path, out: Path, outtype: str = "f16") -> Path:
     """Convert a Hugging Face folder to GGUF with llama.cpp's converter from the pinned source package."""
-    src = llama_cpp_source()
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    env = {**os.environ, "PYTHONPATH": str(src / "gguf-py") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    r = subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile", str(tmp),
-                        "--outtype", outtype], env=env, capture_output=True, text=True)
-    if r.returncode != 0 or not tmp.is_file():
-        tmp.unlink(missing_ok=True)
-        raise MmhopsError(f"GGUF conversion of {hf_dir} failed: {r.stderr.strip()[-800:]}", path=hf_dir,
-                          fix="check the model folder (config.json, weights, tokenizer); rerun bash scripts/setup.sh")
-    os.replace(tmp, out)
-    return out
+    from mmhops_lite.backends.llamacpp import run_converter
+
+    return run_converter("convert_hf_to_gguf.py", [str(hf_dir), "--outtype", outtype], out,
+                         f"GGUF conversion of {hf_dir}",
+                         "check the model folder (config.json, weights, tokenizer); rerun bash scripts/setup.sh")
 
 
 def quantize(src: Path, out: Path, quant: str) -> Path:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import MmhopsError, ModelNotFound, require
-from ..paths import free_cores, llama_cpp_source
+from ..errors import ModelNotFound, require
+from ..paths import free_cores
 from ..registry import resolve
 
 
@@ -77,18 +75,11 @@ def save_adapter(net, out: Path, meta: dict) -> Path:
 
 def adapter_to_gguf(adapter: Path, base: Path, out: Path) -> Path:
     """Convert a PEFT LoRA folder to a GGUF adapter with llama.cpp's converter (from the pinned source package)."""
-    src = llama_cpp_source()
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    env = {**os.environ, "PYTHONPATH": str(src / "gguf-py") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, str(src / "convert_lora_to_gguf.py"), str(adapter), "--base", str(base),
-           "--outfile", str(tmp), "--outtype", "f32"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if r.returncode != 0 or not tmp.is_file():
-        tmp.unlink(missing_ok=True)
-        raise MmhopsError(f"converting {adapter} to a GGUF adapter failed: {r.stderr.strip()[-800:]}", path=adapter,
-                          fix="check the adapter matches the base model; rerun bash scripts/setup.sh")
-    os.replace(tmp, out)
-    return out
+    from ..backends.llamacpp import run_converter
+
+    return run_converter("convert_lora_to_gguf.py", [str(adapter), "--base", str(base), "--outtype", "f32"], out,
+                         f"converting {adapter} to a GGUF adapter",
+                         "check the adapter matches the base model; rerun bash scripts/setup.sh")
 
 
 def check_adapter(path: Path) -> Path:
