@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from ..errors import ConfigError, ModelNotFound, require
-from ..paths import sha256, free_cores
+from ..paths import free_cores, sha256
 
 BACKENDS = ("onnx", "torch")
 OPSET = 17
@@ -46,6 +46,14 @@ def package_dir(package: str, install: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFound(f"the model package '{package}' is not installed.", fix=install)
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+def same_as_packaged(path: Path, packaged: Callable[[], Path]) -> bool:
+    """Is `path` the packaged model (so it keeps the default id and cache)? False when no package is installed."""
+    try:
+        return path.resolve() == packaged().resolve()
+    except ModelNotFound:
+        return False
 
 
 def slug(name: str) -> str:

@@ -20,6 +20,7 @@ from .base import (
     l2_normalize,
     ort_session,
     package_dir,
+    same_as_packaged,
     slug,
     torch_threads,
 )
@@ -144,20 +145,13 @@ def view_boxes(w: int, h: int) -> list[tuple | None]:
 
 # ---------------------------------------------------------------- the encoder
 
-def _is_packaged(weights: Path) -> bool:
-    try:
-        return weights.resolve() == default_weights().resolve()
-    except ModelNotFound:
-        return False
-
-
 class ImageEncoder:
     """EfficientNet-lite: 1280-d pooled features as the embedding, plus ImageNet top-k labels."""
 
     def __init__(self, backend: str = "onnx", model_path: str | Path | None = None):
         self.backend = check_backend(backend)
         self.weights = default_weights() if model_path is None else Path(model_path).expanduser()
-        self._default = model_path is None or _is_packaged(self.weights)
+        self._default = model_path is None or same_as_packaged(self.weights, default_weights)
         if not self.weights.is_file():
             raise ModelNotFound(f"image encoder weights not found: {self.weights}", path=self.weights,
                                 fix=INSTALL if self._default else "point image_model at an EfficientNet(-lite) .pth")

@@ -18,6 +18,7 @@ from .base import (
     l2_normalize,
     ort_session,
     package_dir,
+    same_as_packaged,
     slug,
     torch_threads,
 )
@@ -41,13 +42,6 @@ def _weights_file(folder: Path) -> Path:
                         fix="point text_model at a sentence-transformers / Hugging Face BERT folder")
 
 
-def _is_packaged(folder: Path) -> bool:
-    try:
-        return folder.resolve() == default_model_dir().resolve()
-    except ModelNotFound:
-        return False
-
-
 class TextEncoder:
     """A BERT-style sentence encoder: tokenise, run, pool, normalise; identical maths on both backends."""
 
@@ -56,7 +50,7 @@ class TextEncoder:
         packaged = default_model_dir() if model_path is None else None
         self.folder = packaged or Path(model_path).expanduser()
         # The packaged folder passed explicitly is still the default model: same id, same cache.
-        default = packaged is not None or _is_packaged(self.folder)
+        default = packaged is not None or same_as_packaged(self.folder, default_model_dir)
         for need in ("config.json", "tokenizer.json"):
             if not (self.folder / need).is_file():
                 raise ModelNotFound(f"the text model folder {self.folder} has no {need}.", path=self.folder,
