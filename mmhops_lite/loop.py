@@ -1,6 +1,7 @@
 """The multi-hop loop shared by `ask`, `eval` and the trainer: perceive, then search or answer, turn by turn."""
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from dataclasses import dataclass, field
@@ -79,7 +80,10 @@ class Searcher:
         """Information lines for the policy and result records for the trace."""
         k = self.cfg.loop.image_top_k if kind == "image_search" else self.cfg.loop.top_k
         if kind == "image_search":
-            key = (kind, arg, id(perceptions[int(arg) - 1]))
+            emb = perceptions[int(arg) - 1].embedding
+            # Keyed by the embedding's bytes, not the object's id(): ids are reused once a question's
+            # perceptions are freed, and a shared cache would then answer for another image.
+            key = (kind, hashlib.sha1(np.ascontiguousarray(emb).tobytes()).hexdigest())
             if key not in self.cache:
                 self.cache[key] = self.index.search_image(perceptions[int(arg) - 1].embedding, k)
             hits = self.cache[key]

@@ -4,7 +4,8 @@ Why a compact step rather than trl's GRPOTrainer: our rollouts are whole `ask` e
 our tags (trl's tool hooks need JSON tool calls in the chat template, which SmolLM2 lacks), they come from
 llama.cpp with the current LoRA as a GGUF adapter, and groups whose rewards are all equal are skipped before any
 forward pass. The objective is trl's: group-relative advantages, token log-ratio with PPO clipping, optional
-k3 KL to the reference (the adapter switched off), truncated importance weights for the sampler mismatch.
+k3 KL to the reference (the adapter switched off). Sampler-mismatch importance weights are not applied yet:
+the llama.cpp engine is refreshed with the current adapter every `refresh_every` steps (default 1).
 """
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ class GRPOConfig:
     kl: float = 0.0  # k3 KL to the reference policy (adapter off); 0 skips the extra forward pass
     clip: float = 0.2
     temperature: float = 1.0
-    is_cap: float = 2.0  # truncated importance weight between the torch policy and the llama.cpp sampler
     engine: str = "llamacpp"  # llamacpp (GGUF adapter over the base GGUF) | torch (the live peft model)
     refresh_every: int = 1  # steps between GGUF adapter refreshes of the llama.cpp engine
     checkpoint_every: int = 5
