@@ -102,3 +102,15 @@ def test_comparison_selects_second_image(index, tiny_kb):
                 [perception(tiny_kb, "wakanda"), perception(tiny_kb, "genovia")])
     assert tr.hops[0].results[0]["title"] == "Genovia"
     assert '<image n="2">' in gen.prompts[0]
+
+
+def test_shared_search_cache_never_answers_for_another_image(index, tiny_kb):
+    cache: dict = {}
+    titles = []
+    for name in ("sylvania", "latveria", "sylvania", "genovia"):
+        gen = ScriptedGenerator(["<image_search>1</image_search>", "<answer>x</answer>"])
+        # A fresh Perception per question, as eval makes them: freed objects' ids get reused.
+        tr = answer("<image> Which?", gen, index, Config.resolve(env={}), [perception(tiny_kb, name)],
+                    search_cache=cache)
+        titles.append(tr.hops[0].results[0]["title"])
+    assert titles == ["Sylvania", "Latveria", "Sylvania", "Genovia"]
