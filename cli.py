@@ -255,10 +255,10 @@ def ask(
                                      help="Zero or more images, then the question (quote it)."),
     index: Optional[Path] = typer.Option(None, "--index", help="Index folder (default: the demo index, built on "
                                                                "first use)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Policy: registry name, .gguf file or HF folder."),
+    model: Optional[str] = typer.Option(None, "--model", help="Policy: registry name, .gguf file, HF folder or an export bundle (GGUF or ONNX)."),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="LoRA adapter: a train run folder, PEFT folder "
                                                                   "or .gguf adapter."),
-    backend: Optional[str] = typer.Option(None, "--backend", help="llamacpp (default) or torch."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="llamacpp (default), torch, or onnx (an exported ONNX folder)."),
     max_turns: Optional[int] = typer.Option(None, "--max-turns", help="Turns before giving up (default 5)."),
     no_ocr: bool = typer.Option(False, "--no-ocr", help="Skip reading text in the images."),
     as_json: bool = typer.Option(False, "--json", help="Print the trace as JSON (DESIGN.md's format) only."),
@@ -294,10 +294,10 @@ def eval_cmd(
     index: Optional[Path] = typer.Option(None, "--index", help="Index folder (default: the demo index)."),
     mode: str = typer.Option("agent", "--mode", help="agent (policy plans), pipeline (image search -> text search "
                                                      "-> answer) or direct (no retrieval)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Policy: registry name, .gguf file or HF folder."),
+    model: Optional[str] = typer.Option(None, "--model", help="Policy: registry name, .gguf file, HF folder or an export bundle (GGUF or ONNX)."),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="LoRA adapter: a train run folder, PEFT folder "
                                                                   "or .gguf adapter."),
-    backend: Optional[str] = typer.Option(None, "--backend", help="llamacpp (default) or torch."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="llamacpp (default), torch, or onnx (an exported ONNX folder)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N questions."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Folder for summary, records and predictions."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -440,41 +440,65 @@ app.add_typer(export_app, name="export")
 def export_cmd(
     ctx: typer.Context,
     gguf: bool = typer.Option(False, "--gguf", help="Export a GGUF bundle for llama.cpp."),
+    onnx: bool = typer.Option(False, "--onnx", help="Export an ONNX bundle (decoder with KV cache) for onnxruntime."),
     model: Optional[str] = typer.Option(None, "--model", help="Base policy (default: the configured one)."),
     adapter: Optional[str] = typer.Option("auto", "--adapter", help="LoRA to merge: a train run folder, PEFT folder, "
                                                                     "`auto` (the shipped one) or `none`."),
-    quant: str = typer.Option("q8_0", "--quant", help="f16, q8_0 (default) or q4_k_m."),
-    adapter_only: bool = typer.Option(False, "--adapter-only", help="Write only the LoRA as a GGUF adapter over the "
-                                                                    "base GGUF (no merge)."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="GGUF: f16, q8_0 (default) or q4_k_m. ONNX: fp32 or "
+                                                              "int8 (default; 8-bit weights, float activations)."),
+    adapter_only: bool = typer.Option(False, "--adapter-only", help="GGUF only: write the LoRA as a GGUF adapter over "
+                                                                    "the base GGUF (no merge)."),
     out: Path = typer.Option(Path("bundle"), "-o", "--out", help="Bundle folder to write."),
     prompts: int = typer.Option(50, "--prompts", help="Prompts for the parity gate."),
+    questions: Optional[Path] = typer.Option(None, "--questions", help="Questions whose real prompts the parity gate "
+                                                                       "uses (default: the demo dev split)."),
+    index: Optional[Path] = typer.Option(None, "--index", help="Index those prompts search (default: the demo index, "
+                                                               "if built; else synthetic prompts)."),
     force: bool = typer.Option(False, "--force", help="Write the bundle even below the parity gate."),
 ):
     """Export base + adapter as a verified, quantized bundle; every export runs the parity gate against torch.
+
+    The gate compares the greedy next token of the exported policy with the torch model's on the dev split's real
+    loop prompts: F16, adapter-only and ONNX fp32 must agree on >= 98%, Q8_0 and ONNX int8 on >= 95%; Q4_K_M is
+    reported only.
 
     [bold]Examples[/bold]:
       mmhops-lite export --gguf -o bundles/smol-q8                     # merged, Q8_0
       mmhops-lite export --gguf --adapter runs/mine --quant f16 -o b/  # your adapter, F16
       mmhops-lite export --gguf --adapter-only -o bundles/smol-lora    # LoRA over the registry's base GGUF
+      mmhops-lite export --onnx -o bundles/smol-onnx                   # ONNX, 8-bit weights
       mmhops-lite export verify bundles/smol-q8 --parity
-      mmhops-lite ask photo.jpg "..." --model bundles/smol-q8
+      mmhops-lite ask photo.jpg "..." --model bundles/smol-onnx
     """
     if ctx.invoked_subcommand is not None:
         return
-    if not gguf:
-        err.print("[bold red]\\[error][/bold red] choose a format: --gguf")
+    if gguf == onnx:
+        err.print("[bold red]\\[error][/bold red] choose one format per bundle: --gguf or --onnx")
         raise typer.Exit(1)
-    from export.bundle import export_gguf
+    if onnx and adapter_only:
+        err.print("[bold red]\\[error][/bold red] --adapter-only is a GGUF feature (llama.cpp loads LoRA adapters); "
+                  "ONNX bundles are merged")
+        raise typer.Exit(1)
+    from export.bundle import export_bundle
     from mmhops_lite.registry import shipped_adapter
 
     cfg = _run(_cfg)
     base = model or cfg.model.policy
     chosen = shipped_adapter(base) if adapter == "auto" else (None if adapter in (None, "none") else adapter)
-    man = _run(export_gguf, base, str(chosen) if chosen else None, out, quant, adapter_only, prompts,
-               api.demo_paths()[0].parent / "questions" / "dev.jsonl", force)
+    fmt = "onnx" if onnx else "gguf"
+    quant = quant or ("int8" if onnx else "q8_0")
+    qfile = questions or api.demo_paths()[0].parent / "questions" / "dev.jsonl"
+    idx = None
+    ipath = index or (api.demo_paths()[1] if questions is None else None)
+    if ipath is not None and Path(ipath).is_dir():
+        idx = _run(api.open_index, ipath, cfg)
+    with console.status("exporting") as status:
+        man = _run(export_bundle, fmt, base, str(chosen) if chosen else None, out, quant, adapter_only, prompts,
+                   qfile, force, idx, lambda msg: status.update(msg))
     p = man["parity"]
     console.print(f"[green]bundle written[/green] {out}: {man['kind']} {man['quant'] or ''}  parity "
-                  f"{p['greedy_top1_agreement']:.3f} (gate {p['gate']}) over {p['prompts']} prompts, {man['seconds']}s")
+                  f"{p['greedy_top1_agreement']:.3f} (gate {p['gate']}) over {p['prompts']} {p['source']} prompts, "
+                  f"{man['seconds']}s")
 
 
 @export_app.command("verify")
@@ -486,7 +510,10 @@ def export_verify(bundle: Path = typer.Argument(..., help="Bundle folder."),
     """
     from export.bundle import verify_bundle
 
-    res = _run(verify_bundle, bundle, parity)
+    idx, qfile = None, api.demo_paths()[0].parent / "questions" / "dev.jsonl"
+    if parity and api.demo_paths()[1].is_dir():
+        idx = _run(api.open_index, api.demo_paths()[1], _run(_cfg))
+    res = _run(verify_bundle, bundle, parity, 50, qfile, idx)
     console.print(f"[green]verified[/green] {bundle}: {res}")
     if not res["ok"]:
         raise typer.Exit(1)

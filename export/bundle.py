@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -17,17 +18,29 @@ from mmhops_lite.errors import IndexCorrupt, InputError
 from mmhops_lite.paths import sha256
 
 from . import gguf as G
+from . import onnx as O
 
-PARITY_GATE = {"f16": 0.98, "adapter": 0.98, "q8_0": 0.95, "q4_k_m": 0.0}  # q4_k_m: reported, not gated
+PARITY_GATE = {"f16": 0.98, "adapter": 0.98, "q8_0": 0.95, "q4_k_m": 0.0,  # q4_k_m: reported, not gated
+               "onnx-fp32": 0.98, "onnx-int8": 0.95}
 
 
-def parity_prompts(n: int = 50, questions: str | Path | None = None) -> list[str]:
-    """Chat messages for parity checks: dev questions at several points of a gold-like trajectory."""
+def parity_prompts(n: int = 50, questions: str | Path | None = None, index=None, count_tokens=None,
+                   cfg=None) -> tuple[list, str]:
+    """Prompts for the parity gate, and where they came from.
+
+    With a questions file and an open index ("dev-gold"): the dev questions' real prompts, i.e. their perception
+    text and the gold trajectory run through the loop over the index, one prompt per question, cut inside one of
+    its policy turns (the turn cycles over the question's turns, the cut after a seeded number of words). Without them
+    ("synthetic", e.g. a tiny test model): question texts with fixed trajectory tails.
+    """
     from mmhops_lite.data.questions import load_questions
 
-    problems = ["<image> What is the capital of the country whose flag is shown?"]
-    if questions and Path(questions).is_file():
-        problems = [q.problem for q in load_questions(questions, check_images=False)]
+    qs = load_questions(questions, check_images=index is not None) if questions and Path(questions).is_file() else []
+    if qs and index is not None:
+        items = _gold_prompts(qs, n, index, count_tokens, cfg)
+        if len(items) >= min(n, 10):
+            return items, "dev-gold"
+    problems = [q.problem for q in qs] or ["<image> What is the capital of the country whose flag is shown?"]
     tails = ["", "<think>", "<think>First identify what image 1 shows.</think>",
              "<think>First identify what image 1 shows.</think><image_search>1</image_search>\n<information>\n"
              "[1] France (image match 0.94): France is a country in Western Europe.\n</information>\n<think>"]
@@ -35,6 +48,35 @@ def parity_prompts(n: int = 50, questions: str | Path | None = None) -> list[str
     for i in range(n):
         msgs = grammar.messages(problems[i % len(problems)], ["looks like: flag (0.40)"])
         out.append((msgs, tails[i % len(tails)]))
+    return out, "synthetic"
+
+
+def _gold_prompts(qs, n: int, index, count_tokens, cfg) -> list:
+    from mmhops_lite.config import Config
+    from mmhops_lite.grammar import render_chatml
+    from mmhops_lite.loop import perceive
+    from mmhops_lite.train.episodes import gold_episode
+
+    cfg = cfg or Config.resolve()
+    count = count_tokens or (lambda text: len(text) // 4)
+    out, cache = [], {}
+    rng = random.Random(0)
+    for q in qs:
+        if len(out) >= n:
+            break
+        perc = perceive(q.images, index.image_encoder, ocr=cfg.encoders.ocr) if q.images else []
+        got = gold_episode(q, render_chatml, count, index, cfg, perc, cache)
+        if got is None:
+            continue
+        segs = got[0].segments
+        cuts = [0] + [i + 1 for i, (_, by_policy) in enumerate(segs) if not by_policy and i + 1 < len(segs)]
+        k = cuts[len(out) % len(cuts)]
+        # Cut inside the next policy turn, after a seeded number of its words: the next token is then an entity,
+        # a search argument, an answer or a tag, not only the "<think>" every turn opens with.
+        words = segs[k][0].split(" ") if k < len(segs) and segs[k][1] else [""]
+        j = rng.randrange(len(words))
+        tail = "".join(t for t, _ in segs[:k]) + " ".join(words[:j])
+        out.append((grammar.messages(q.problem, [p.text for p in perc]), tail))
     return out
 
 
@@ -53,48 +95,79 @@ def agreement(a: Sequence[str], b: Sequence[str]) -> float:
 
 
 def export_gguf(base: str, adapter: str | None, out: Path, quant: str = "q8_0", adapter_only: bool = False,
-                prompts: int = 50, questions: str | Path | None = None, force: bool = False) -> dict:
+                prompts: int = 50, questions: str | Path | None = None, force: bool = False, index=None) -> dict:
     """Export a GGUF bundle (merged + quantized, or the adapter over the base GGUF) and gate it on parity."""
-    from mmhops_lite.backends.llamacpp import LlamaCppGenerator
+    return export_bundle("gguf", base, adapter, out, quant, adapter_only, prompts, questions, force, index)
+
+
+def export_onnx_bundle(base: str, adapter: str | None, out: Path, quant: str = "int8", prompts: int = 50,
+                       questions: str | Path | None = None, force: bool = False, index=None) -> dict:
+    """Export an ONNX bundle (merged, fp32 or 8-bit weight-only) and gate it on parity."""
+    return export_bundle("onnx", base, adapter, out, quant, False, prompts, questions, force, index)
+
+
+def export_bundle(fmt: str, base: str, adapter: str | None, out: Path, quant: str, adapter_only: bool = False,
+                  prompts: int = 50, questions: str | Path | None = None, force: bool = False, index=None,
+                  progress=None) -> dict:
+    """Write a verified bundle: build the policy files, measure parity against torch, refuse below the gate.
+
+    `index` (an open MultimodalIndex) with `questions` makes the parity prompts the dev split's real ones.
+    """
+    from mmhops_lite.backends.base import adapter_for
     from mmhops_lite.backends.torch_backend import TorchGenerator
     from mmhops_lite.train.policy import adapter_to_gguf, base_folder
 
+    say = progress or (lambda msg: None)
+    if fmt == "gguf" and not adapter_only and quant not in G.QUANTS:
+        raise InputError(f"unknown GGUF quantization '{quant}'", fix=f"use one of: {', '.join(G.QUANTS)}")
+    if fmt == "onnx" and quant not in O.ONNX_QUANTS:
+        raise InputError(f"unknown ONNX quantization '{quant}'", fix=f"use one of: {', '.join(O.ONNX_QUANTS)}")
+    if fmt not in ("gguf", "onnx"):
+        raise InputError(f"unknown export format '{fmt}'", fix="use gguf or onnx")
     t0 = time.perf_counter()
     base_dir, base_gguf = base_folder(base)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / "manifest.json").is_file():
         raise InputError(f"{out} exists and is not an mmhops-lite bundle", path=out, fix="choose a new folder")
-    work = Path(tempfile.mkdtemp(prefix="mmhops-export-", dir=str(out.parent) if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".mmhops-export-", dir=str(out.parent)))
     try:
-        files = {}
+        files: dict[str, Path] = {}
         if adapter_only:
             if adapter is None or base_gguf is None:
                 raise InputError("--adapter-only needs --adapter and a GGUF base", fix="e.g. --model "
                                  "smollm2-135m-instruct --adapter runs/train --adapter-only")
-            from mmhops_lite.backends.base import adapter_for
-
+            say("converting the LoRA to a GGUF adapter")
             adapter_to_gguf(adapter_for("torch", adapter), base_dir, work / "adapter.gguf")
             files["adapter.gguf"] = work / "adapter.gguf"
-            candidate = LlamaCppGenerator(base_gguf, n_ctx=2048, lora_path=work / "adapter.gguf")
-            gate = PARITY_GATE["adapter"]
-            kind = "gguf-adapter"
+            kind, gate_key = "gguf-adapter", "adapter"
         else:
+            say("merging the adapter into the base" if adapter else "writing the base as a Hugging Face folder")
             merged = G.merge(base, adapter, work / "merged")
-            G.convert(merged, work / "f16.gguf", "f16")
-            G.quantize(work / "f16.gguf", work / "policy.gguf", quant)
-            files["policy.gguf"] = work / "policy.gguf"
-            candidate = LlamaCppGenerator(work / "policy.gguf", n_ctx=2048)
-            gate = PARITY_GATE[quant]
-            kind = "gguf"
-        from mmhops_lite.backends.base import adapter_for
-
-        reference = TorchGenerator(base_dir, n_ctx=2048, adapter=adapter_for("torch", adapter) if adapter else None)
-        items = parity_prompts(prompts, questions)
+            if fmt == "gguf":
+                say("converting to GGUF F16")
+                G.convert(merged, work / "f16.gguf", "f16")
+                say(f"quantizing to {quant}")
+                G.quantize(work / "f16.gguf", work / "policy.gguf", quant)
+                files["policy.gguf"] = work / "policy.gguf"
+                kind, gate_key = "gguf", quant
+            else:
+                say(f"exporting to ONNX ({quant}) with optimum")
+                O.export_onnx(merged, work / "policy-onnx", quant)
+                for f in sorted((work / "policy-onnx").iterdir()):
+                    files[f"policy-onnx/{f.name}"] = f
+                kind, gate_key = "onnx", f"onnx-{quant}"
+        candidate = _open(kind, work, base_gguf)
+        say("measuring parity against the torch model")
+        reference = TorchGenerator(base_dir, n_ctx=4096, adapter=adapter_for("torch", adapter) if adapter else None)
+        items, source = parity_prompts(prompts, questions, index, reference.count_tokens)
         agree = agreement(greedy_next(reference, items), greedy_next(candidate, items))
-        del candidate
+        del candidate, reference
+        gate = PARITY_GATE[gate_key]
         if agree < gate and not force:
             raise IndexCorrupt(f"parity {agree:.3f} is below the gate {gate} for {kind} {quant}: bundle not written",
-                               fix="use a higher-precision --quant (f16, q8_0), or --force to write it anyway")
+                               fix="use a higher-precision --quant (f16, q8_0; fp32 for ONNX), or --force to write "
+                                   "it anyway")
         vision = _vision_onnx()
         if vision:
             (work / "vision").mkdir()
@@ -105,8 +178,8 @@ def export_gguf(base: str, adapter: str | None, out: Path, quant: str = "q8_0", 
             "base": str(base), "base_gguf_sha256": sha256(base_gguf) if (adapter_only and base_gguf) else None,
             "adapter": str(adapter) if adapter else None, "quant": None if adapter_only else quant,
             "grammar_version": grammar.GRAMMAR_VERSION, "runtimes": _versions(),
-            "parity": {"prompts": len(items), "greedy_top1_agreement": round(agree, 4), "gate": gate,
-                       "forced": bool(force and agree < gate)},
+            "parity": {"prompts": len(items), "source": source, "greedy_top1_agreement": round(agree, 4),
+                       "gate": gate, "forced": bool(force and agree < gate)},
             "files": {name: {"sha256": sha256(p), "size": p.stat().st_size} for name, p in files.items()},
             "seconds": round(time.perf_counter() - t0, 1),
         }
@@ -123,7 +196,21 @@ def export_gguf(base: str, adapter: str | None, out: Path, quant: str = "q8_0", 
         shutil.rmtree(work, ignore_errors=True)
 
 
-def verify_bundle(bundle: Path, parity: bool = False, prompts: int = 50) -> dict:
+def _open(kind: str, work: Path, base_gguf: Path | None):
+    """The freshly written policy, loaded by the runtime users will run it with."""
+    if kind == "onnx":
+        from mmhops_lite.backends.onnx_backend import OnnxGenerator
+
+        return OnnxGenerator(work / "policy-onnx", n_ctx=4096)
+    from mmhops_lite.backends.llamacpp import LlamaCppGenerator
+
+    if kind == "gguf-adapter":
+        return LlamaCppGenerator(base_gguf, n_ctx=4096, lora_path=work / "adapter.gguf")
+    return LlamaCppGenerator(work / "policy.gguf", n_ctx=4096)
+
+
+def verify_bundle(bundle: Path, parity: bool = False, prompts: int = 50, questions: str | Path | None = None,
+                  index=None) -> dict:
     """Check every file against the manifest (and optionally recompute parity); raise IndexCorrupt naming the file."""
     man = check_bundle(bundle)
     out = {"ok": True, "files": len(man["files"]), "parity": man["parity"]}
@@ -133,11 +220,12 @@ def verify_bundle(bundle: Path, parity: bool = False, prompts: int = 50) -> dict
         from mmhops_lite.train.policy import base_folder
 
         base_dir, _ = base_folder(man["base"])
-        reference = TorchGenerator(base_dir, n_ctx=2048,
+        reference = TorchGenerator(base_dir, n_ctx=4096,
                                    adapter=adapter_for("torch", man["adapter"]) if man["adapter"] else None)
-        items = parity_prompts(prompts)
+        items, source = parity_prompts(prompts, questions, index, reference.count_tokens)
         out["parity_now"] = round(agreement(greedy_next(reference, items),
                                             greedy_next(bundle_generator(bundle), items)), 4)
+        out["parity_source"] = source
         out["ok"] = out["parity_now"] >= man["parity"]["gate"]
     return out
 
@@ -156,7 +244,7 @@ def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for pkg in ("llama-cpp-python", "torch", "transformers", "peft", "onnxruntime"):
+    for pkg in ("llama-cpp-python", "torch", "transformers", "peft", "onnxruntime", "optimum", "optimum-onnx"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:

@@ -45,11 +45,15 @@ def check_bundle(bundle: str | Path) -> dict:
 
 
 def bundle_generator(bundle: str | Path, n_ctx: int = 4096, threads: int = 0):
-    """A llama.cpp generator for a verified bundle."""
+    """The generator of a verified bundle: llama.cpp for GGUF bundles, onnxruntime for ONNX ones."""
     from .backends.llamacpp import LlamaCppGenerator
     from .registry import resolve
 
     man = check_bundle(bundle)
+    if man["kind"] == "onnx":
+        from .backends.onnx_backend import OnnxGenerator
+
+        return OnnxGenerator(Path(bundle) / "policy-onnx", n_ctx=n_ctx, threads=threads)
     if man["kind"] == "gguf-adapter":
         base = resolve(man["base"], "policy")
         if man.get("base_gguf_sha256") and sha256(base) != man["base_gguf_sha256"]:

@@ -52,7 +52,7 @@ class ModelConfig:
     policy: str = _f("smollm2-135m-instruct", "policy: registry name, .gguf file or Hugging Face folder")
     adapter: str = _f("auto", "LoRA adapter: `auto` (the adapter shipped in models/ for the policy, if any), `none`, "
                               "a `train` output folder, a PEFT folder or a .gguf adapter")
-    backend: str = _f("llamacpp", "generator backend: llamacpp or torch")
+    backend: str = _f("llamacpp", "generator backend: llamacpp, torch or onnx (an exported ONNX folder)")
     n_ctx: int = _f(4096, "context window in tokens")
     threads: int = _f(0, "CPU threads; 0 = the cores not busy with other processes")
 

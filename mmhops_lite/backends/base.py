@@ -37,6 +37,7 @@ class Generator(Protocol):
 BACKENDS = {
     "llamacpp": ("mmhops_lite.backends.llamacpp", "LlamaCppGenerator"),
     "torch": ("mmhops_lite.backends.torch_backend", "TorchGenerator"),
+    "onnx": ("mmhops_lite.backends.onnx_backend", "OnnxGenerator"),
 }
 
 

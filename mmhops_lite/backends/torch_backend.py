@@ -213,7 +213,8 @@ class TorchGenerator:
         self.eos_ids = self._eos_ids()
         self._special = frozenset(self.tokenizer.all_special_ids) | frozenset(
             i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special)
-        self._keep_arg = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self._keep_arg = self.model is not None and "logits_to_keep" in inspect.signature(
+            self.model.forward).parameters
         self._cache = None
         self._cached_ids: list[int] = []
 
@@ -308,7 +309,6 @@ class TorchGenerator:
     def generate(self, prompt: str, stop: Sequence[str], max_tokens: int = 256, temperature: float = 0.0,
                  seed: int | None = None) -> Generation:
         """Continue the prompt token by token until a stop string (cut from the text), EOS or max_tokens."""
-        torch = self.torch
         ids = self.tokenize(prompt)
         if not ids:
             raise InputError("the prompt is empty", fix="render the chat messages first (generator.render)")
@@ -316,22 +316,16 @@ class TorchGenerator:
             raise InputError(f"the prompt ({len(ids)} tokens) fills the context window ({self.n_ctx})",
                              fix="raise model.n_ctx or lower loop.info_tokens / loop.max_turns")
         budget = min(max_tokens, self.n_ctx - len(ids) - 1)
-        rng = None
-        if temperature > 0:
-            rng = torch.Generator().manual_seed(int(seed) if seed is not None else int(time.time_ns() % 2**63))
+        rng = self._rng(seed) if temperature > 0 else None
         t0 = time.perf_counter()
         out: list[int] = []
         text, finish = "", "length"
         special = self._special
         anchor = next((t for t in reversed(ids) if t not in special), None)
-        with torch.inference_mode():
+        with self._no_grad():
             logits, evaluated = self._prefill(ids)
             while len(out) < budget:
-                if rng is None:
-                    tok = int(torch.argmax(logits))
-                else:
-                    probs = torch.softmax(logits / temperature, dim=-1)
-                    tok = int(torch.multinomial(probs, 1, generator=rng))
+                tok = self._pick(logits, temperature, rng)
                 if tok in self.eos_ids:
                     finish = "eos"
                     break
@@ -349,6 +343,20 @@ class TorchGenerator:
                     self._cache, self._cached_ids = None, []
                     raise
         return Generation(text, len(ids), evaluated, len(out), time.perf_counter() - t0, finish)
+
+    def _rng(self, seed: int | None):
+        return self.torch.Generator().manual_seed(int(seed) if seed is not None else int(time.time_ns() % 2**63))
+
+    def _pick(self, logits, temperature: float, rng) -> int:
+        """The next token: argmax when greedy, else a sample at the temperature."""
+        torch = self.torch
+        if rng is None:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits / temperature, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=rng))
+
+    def _no_grad(self):
+        return self.torch.inference_mode()
 
     def _detok(self, anchor: int | None, out: list[int]) -> str:
         """Text of the generated tokens as they continue the prompt.

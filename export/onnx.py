@@ -1,0 +1,154 @@
+"""ONNX export: a merged Hugging Face folder -> optimum's decoder-with-KV-cache graph -> (8-bit weight-only).
+
+Two changes are made to optimum's graph, both checked by the parity gate:
+- the LM head runs on the last position only. The loop never needs the logits of earlier positions, and over a
+  900-token prompt the full-sequence head would cost as much as the rest of the prefill and return 180 MB;
+- `--quant int8` stores every MatMul weight as 8-bit blocks (onnxruntime's MatMulNBits, block 32, symmetric),
+  computed in float: dynamic int8 quantization of activations breaks greedy parity on models this small (26/50
+  measured), weight-only 8-bit keeps it.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+from mmhops_lite.errors import InputError, MmhopsError, require
+
+ONNX_QUANTS = ("fp32", "int8")
+ONNX_FILE = "model.onnx"
+ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations in the kernel (the fast CPU path); 0 = float compute
+KEEP_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "chat_template.jinja")
+
+
+def export_onnx(hf_dir: Path, out: Path, quant: str = "fp32", block_size: int = 32) -> Path:
+    """Export a merged HF causal-LM folder to `out/` (model.onnx + tokenizer/config files); atomic."""
+    if quant not in ONNX_QUANTS:
+        raise InputError(f"unknown ONNX quantization '{quant}'", fix=f"use one of: {', '.join(ONNX_QUANTS)}")
+    onnx = require("onnx", "export")
+    try:
+        from optimum.exporters.onnx import main_export
+    except ImportError as exc:
+        raise MmhopsError("optimum's ONNX exporter is not installed", fix="pip install -e '.[export]' "
+                          "(optimum 2.1 + optimum-onnx 0.1.0), or rerun bash scripts/setup.sh") from exc
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    raw = tmp / "raw"
+    chatter = io.StringIO()  # the tracer's warnings and optimum's notes are for optimum's developers, not ours
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            warnings.simplefilter("ignore")
+            main_export(str(hf_dir), str(raw), task="text-generation-with-past", device="cpu", do_validation=False,
+                        local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - optimum/torch.onnx raise many types; the message is what matters
+        shutil.rmtree(tmp, ignore_errors=True)
+        tail = chatter.getvalue().strip().splitlines()[-5:]
+        raise MmhopsError(f"optimum could not export {hf_dir} to ONNX: {exc}" + ("\n" + "\n".join(tail) if tail else ""),
+                          path=hf_dir, fix="check the architecture is one optimum supports (llama, qwen2, ...)") from exc
+    model = onnx.load(str(raw / ONNX_FILE), load_external_data=True)
+    last_position_logits(model)
+    if quant == "int8":
+        model = weight_only_int8(model, block_size)
+    final = tmp / "final"
+    final.mkdir()
+    _save(onnx, model, final / ONNX_FILE)
+    for name in KEEP_FILES:
+        if (raw / name).is_file():
+            shutil.copyfile(raw / name, final / name)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(final, out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def last_position_logits(model) -> None:
+    """Make the graph compute `logits` for the last position only (a Slice before the LM head's MatMul)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    head = next((n for n in graph.node if "logits" in n.output), None)
+    if head is None or head.op_type != "MatMul":
+        raise MmhopsError("the exported graph has no MatMul producing `logits`; cannot trim it to the last position",
+                          fix="export a causal LM whose head is a plain MatMul (llama, qwen2 and most decoders)")
+    hidden = head.input[0]
+    consts = {"mmhops_last_start": -1, "mmhops_last_end": np.iinfo(np.int64).max, "mmhops_last_axis": 1}
+    for name, value in consts.items():
+        graph.initializer.append(numpy_helper.from_array(np.asarray([value], dtype=np.int64), name))
+    graph.node.insert(list(graph.node).index(head), helper.make_node(
+        "Slice", [hidden, "mmhops_last_start", "mmhops_last_end", "mmhops_last_axis"], ["mmhops_last_hidden"],
+        name="mmhops_last_position"))
+    head.input[0] = "mmhops_last_hidden"
+    for vi in graph.output:
+        if vi.name == "logits" and vi.type.tensor_type.HasField("shape"):
+            dim = vi.type.tensor_type.shape.dim[1]
+            dim.Clear()
+            dim.dim_value = 1
+
+
+def weight_only_int8(model, block_size: int = 32):
+    """Every MatMul with a constant weight as 8-bit symmetric blocks (MatMulNBits); activations stay float."""
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    except ImportError as exc:
+        raise MmhopsError("onnxruntime's weight-only quantizer needs onnx-ir", fix="pip install -e '.[export]'") from exc
+    _fold_transposed_weights(model)
+    q = MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=True, accuracy_level=ACCURACY_LEVEL)
+    qlog = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level, qlog.level = qlog.level, logging.WARNING  # it logs a line per MatMul at INFO
+    try:
+        q.process()
+    finally:
+        qlog.setLevel(level)
+    return q.model.model
+
+
+def _fold_transposed_weights(model) -> None:
+    """Turn `MatMul(x, Transpose(W))` with W an initializer into `MatMul(x, W^T)` with W^T stored.
+
+    optimum ties the LM head to the embedding this way; the quantizer only sees constant weights, so without this
+    the head (a fifth of SmolLM2's weights, the largest MatMul of every step) would stay in float.
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] in inits:
+            continue
+        tr = producers.get(node.input[1])
+        if tr is None or tr.op_type != "Transpose" or tr.input[0] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[tr.input[0]])
+        perm = next((list(a.ints) for a in tr.attribute if a.name == "perm"), None)
+        if w.ndim != 2 or perm not in (None, [1, 0]):
+            continue
+        name = tr.output[0] + "_folded"
+        if name not in inits:
+            t = numpy_helper.from_array(w.T.copy(), name)
+            graph.initializer.append(t)
+            inits[name] = t
+        node.input[1] = name
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    dead = [n for n in graph.node if n.op_type == "Transpose" and not any(o in used for o in n.output)]
+    for n in dead:
+        graph.node.remove(n)
+
+
+def _save(onnx, model, path: Path) -> None:
+    """Save in one file when it fits protobuf's 2 GB, else with the weights beside it."""
+    if model.ByteSize() < (2 << 30) - (64 << 20):
+        onnx.save_model(model, str(path))
+    else:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data")
+
+
+__all__ = ["export_onnx", "last_position_logits", "weight_only_int8", "ONNX_QUANTS"]
