@@ -167,3 +167,51 @@ def test_adapter_converts_to_gguf_and_llamacpp_loads_it(world, tiny_hf, tiny_ggu
         last.append(np.ctypeslib.as_array(g.llm._ctx.get_logits(), shape=(g.llm.n_vocab(),)).copy())
 
     assert np.isfinite(last[0]).all() and not np.allclose(last[0], last[1])
+
+
+def test_llamacpp_sampler_logprobs_match_torch(tiny_gguf):
+    """The rollout engine's recorded log-probs are the torch policy's, token for token (importance weights ~1)."""
+    import torch
+
+    from mmhops_lite import grammar
+    from mmhops_lite.backends.llamacpp import LlamaCppGenerator
+    from mmhops_lite.backends.torch_backend import TorchGenerator
+    from mmhops_lite.train.rl import SamplerRecorder
+
+    gen, ref = LlamaCppGenerator(tiny_gguf, n_ctx=512, threads=1), TorchGenerator(tiny_gguf, n_ctx=512, threads=1)
+    gen.record_logprobs = True
+    rec = SamplerRecorder(gen, ref.tokenizer)
+    prompt = gen.render(grammar.messages("Which city is the capital?", []))
+    out = rec.generate(prompt, [], max_tokens=10, temperature=1.0, seed=5)
+    lps = rec.turns[0]
+    assert out.completion_tokens > 0 and 0 < len(lps) <= out.completion_tokens and gen.last_logprobs == []
+    ids = ref.tokenize(prompt)
+    new = ref.tokenizer(out.text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(ref.model(input_ids=torch.tensor([ids + new])).logits[0].float(), -1)
+    want = [float(logp[len(ids) - 1 + i, t]) for i, t in enumerate(new[: len(lps)])]
+    assert max(abs(a - b) for a, b in zip(lps, want)) < 0.05
+    # Greedy calls record nothing (no sampler to correct for).
+    rec.generate(prompt, [], max_tokens=3, temperature=0.0)
+    assert rec.turns[1] == []
+
+
+def test_importance_weights_scale_each_policy_token(tiny_hf):
+    from mmhops_lite.train.grpo import GRPOConfig, episode_loss, token_logprobs
+
+    net, tok, _, _ = load_for_training(str(tiny_hf), LoraSpec(r=4, alpha=8), threads=1, seed=0)
+    ep = tokenize_episode(tok, "<|im_start|>user\nQ<|im_end|>\n",
+                          [("<think>a</think><text_search>x</text_search>", True), ("<information>y</information>", False),
+                           ("<answer>z</answer>", True)])
+    cfg = GRPOConfig(loss="grpo", importance_cap=2.0)
+    base, st0 = episode_loss(net, ep, 1.0, cfg)
+    logp, _ = token_logprobs(net, ep)
+    same = [None] + [float(v) for v in logp.detach()]
+    lower = [None] + [float(v) - 5.0 for v in logp.detach()]  # the sampler found these tokens far less likely
+    eq, st1 = episode_loss(net, ep, 1.0, cfg, same)
+    capped, st2 = episode_loss(net, ep, 1.0, cfg, lower)
+    base, eq, capped = float(base.detach()), float(eq.detach()), float(capped.detach())
+    assert eq == pytest.approx(base, rel=1e-5) and st1["importance"] == pytest.approx(1.0, abs=1e-5)
+    assert capped == pytest.approx(2.0 * base, rel=1e-4)
+    assert st2["importance"] == pytest.approx(2.0) and st2["importance_capped"] == pytest.approx(1.0)
+    assert st0["importance"] == pytest.approx(1.0)

@@ -35,6 +35,11 @@ class LlamaCppGenerator:
             raise ModelNotFound(f"llama.cpp cannot load {path}: {exc}", path=path,
                                 fix="check the file is a complete GGUF (mmhops-lite models verify)") from exc
         self.id = path.name + (f"+{Path(lora_path).name}" if lora_path else "")
+        # Training sets record_logprobs: each sampled call then leaves, per generated step, the sampler's
+        # log-softmax over the vocabulary (last_logprobs) and the drawn tokens it is sure of (last_sampled).
+        self.record_logprobs = False
+        self.last_logprobs: list = []
+        self.last_sampled: list[int] = []
         self.n_ctx = n_ctx
         meta = self.llm.metadata
         self.template = meta.get("tokenizer.chat_template")
@@ -67,10 +72,29 @@ class LlamaCppGenerator:
         # Same rule as llama-cpp-python's own prefix match: at least one token is always re-evaluated.
         cached = min(common_prefix(self.llm._input_ids.tolist(), toks), len(toks) - 1)
         t0 = time.perf_counter()
+        steps: list = []
+        processors = None
+        if self.record_logprobs and temperature > 0:
+            import numpy as np
+            from llama_cpp import LogitsProcessorList
+
+            def capture(_ids, scores):  # the raw logits of each step, before the sampler draws
+                z = scores.astype(np.float32) / temperature
+                steps.append(z - (z.max() + np.log(np.exp(z - z.max()).sum())))
+                return scores
+
+            processors = LogitsProcessorList([capture])
+        # The full softmax at `temperature` (no top-k/top-p/min-p truncation): what the torch policy and the
+        # GRPO loss assume, so rollouts are the policy's own samples.
         out = self.llm.create_completion(toks, max_tokens=min(max_tokens, self.n_ctx - len(toks) - 1),
-                                         stop=list(stop), temperature=temperature, top_p=1.0, top_k=0 if temperature else 1,
-                                         seed=seed, echo=False)
+                                         stop=list(stop), temperature=temperature, top_p=1.0, min_p=0.0,
+                                         top_k=0 if temperature else 1, repeat_penalty=1.0, seed=seed, echo=False,
+                                         logits_processor=processors)
         dt = time.perf_counter() - t0
+        if processors is not None:
+            # Sampled tokens we know for sure: those evaluated after the prompt (the last draw is never evaluated).
+            self.last_logprobs = steps
+            self.last_sampled = [int(t) for t in self.llm._input_ids[len(toks):self.llm.n_tokens]]
         ch = out["choices"][0]
         return Generation(ch["text"], len(toks), len(toks) - cached, out["usage"]["completion_tokens"], dt,
                           ch.get("finish_reason") or "stop")

@@ -4,8 +4,10 @@ Why a compact step rather than trl's GRPOTrainer: our rollouts are whole `ask` e
 our tags (trl's tool hooks need JSON tool calls in the chat template, which SmolLM2 lacks), they come from
 llama.cpp with the current LoRA as a GGUF adapter, and groups whose rewards are all equal are skipped before any
 forward pass. The objective is trl's: group-relative advantages, token log-ratio with PPO clipping, optional
-k3 KL to the reference (the adapter switched off). Sampler-mismatch importance weights are not applied yet:
-the llama.cpp engine is refreshed with the current adapter every `refresh_every` steps (default 1).
+k3 KL to the reference (the adapter switched off). The llama.cpp engine is refreshed with the current adapter every
+`refresh_every` steps (default 1) and samples from the full softmax; what is left of the sampler/learner mismatch
+(quantized kernels, a transcript re-tokenized segment by segment) is corrected with truncated importance weights
+from the sampler's own log-probabilities, as trl corrects vLLM rollouts.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ class GRPOConfig:
     temperature: float = 1.0
     engine: str = "llamacpp"  # llamacpp (GGUF adapter over the base GGUF) | torch (the live peft model)
     refresh_every: int = 1  # steps between GGUF adapter refreshes of the llama.cpp engine
+    importance_cap: float = 2.0  # truncated importance weights for the llama.cpp sampler (0 = off)
     checkpoint_every: int = 5
     seed: int = 0
 
@@ -82,11 +85,14 @@ def token_logprobs(net, ep: TokenizedEpisode):
     return logp, entropy
 
 
-def episode_loss(net, ep: TokenizedEpisode, adv: float, cfg: GRPOConfig, weights: list[float] | None = None,
+def episode_loss(net, ep: TokenizedEpisode, adv: float, cfg: GRPOConfig, sampler_logprobs: list | None = None,
                  max_tokens: int = 1024):
     """Clipped policy-gradient loss of one rollout (+ k3 KL), summed over its policy tokens; and its stats.
 
-    `weights` are per-token truncated importance weights (sampler mismatch), 1.0 when the sampler is the policy.
+    `sampler_logprobs` (one per position of `ep.input_ids`, None where unknown) are the rollout engine's own
+    log-probabilities of the tokens it drew. Each policy token's loss is then scaled by the truncated importance
+    weight min(pi_torch / pi_sampler, cfg.importance_cap), which corrects for the llama.cpp sampler not being
+    exactly the torch policy (quantized matmuls, LoRA in another precision, a re-tokenized transcript).
     """
     torch = require("torch", "train")
     logp, ent = token_logprobs(net, ep)
@@ -95,8 +101,10 @@ def episode_loss(net, ep: TokenizedEpisode, adv: float, cfg: GRPOConfig, weights
     ratio = torch.exp(logp - old)
     a = torch.full_like(logp, adv)
     per_tok = -torch.min(ratio * a, torch.clamp(ratio, 1 - cfg.clip, 1 + cfg.clip) * a)
-    if weights is not None:
-        per_tok = per_tok * torch.tensor(weights[1:], dtype=torch.float32)
+    iw = torch.ones_like(logp)
+    if sampler_logprobs is not None and cfg.importance_cap > 0:
+        iw = importance_weights(old, sampler_logprobs[1:], cfg.importance_cap)
+        per_tok = per_tok * iw
     kl_tok = torch.zeros_like(logp)
     if cfg.kl > 0:
         with torch.no_grad(), net.disable_adapter():
@@ -110,5 +118,19 @@ def episode_loss(net, ep: TokenizedEpisode, adv: float, cfg: GRPOConfig, weights
     else:
         loss = (per_tok * mask).sum() / n
     stats = {"entropy": float((ent.detach() * mask).sum() / n), "kl": float((kl_tok.detach() * mask).sum() / n),
-             "tokens": int(mask.sum())}
+             "tokens": int(mask.sum()), "importance": float((iw * mask).sum() / n),
+             "importance_capped": float(((iw >= cfg.importance_cap - 1e-6) * mask).sum() / n)}
     return loss, stats
+
+
+def importance_weights(logp, sampler_logprobs: list, cap: float):
+    """Truncated importance weights min(exp(logp - sampler_logp), cap); 1 where the sampler's value is unknown.
+
+    >>> import torch
+    >>> importance_weights(torch.tensor([-1.0, -2.0, -0.5]), [-1.0, -3.0, None], 2.0).tolist()
+    [1.0, 2.0, 1.0]
+    """
+    torch = require("torch", "train")
+    s = torch.tensor([float("nan") if v is None else float(v) for v in sampler_logprobs], dtype=torch.float32)
+    w = torch.exp(logp.detach() - s).clamp(max=cap)
+    return torch.where(torch.isnan(s), torch.ones_like(w), w)

@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .. import grammar
 from ..config import Config
 from ..errors import require
 from ..loop import answer, perceive
@@ -28,6 +29,7 @@ class Engine:
         self.net, self.tok, self.out, self.base_dir, self.base_gguf, self.cfg = net, tok, out, base_dir, base_gguf, cfg
         self.gen = None
         self.version = -1
+        self.records = False  # llama.cpp rollouts record the sampler's log-probs (importance weights)
 
     def refresh(self, step: int) -> None:
         """Point the engine at the current weights (the llama.cpp engine reloads a freshly converted adapter)."""
@@ -42,7 +44,57 @@ class Engine:
             gguf = adapter_to_gguf(folder, self.base_dir, self.out / "rollout-adapter.gguf")
             self.gen = LlamaCppGenerator(self.base_gguf, n_ctx=self.cfg.model.n_ctx, threads=self.cfg.model.threads,
                                          lora_path=gguf)
+            self.gen.record_logprobs = self.records
         self.version = step
+
+
+class SamplerRecorder:
+    """Wraps the llama.cpp engine for one rollout: after each policy turn, keeps the sampler's log-probability of
+    each token of that turn as the trainer will tokenize it (stopping where the re-tokenization departs from
+    what was drawn), so the loss can weight tokens by pi_torch / pi_sampler."""
+
+    def __init__(self, gen, tokenizer):
+        self.gen, self.tokenizer, self.turns = gen, tokenizer, []
+        self.id, self.n_ctx = gen.id, gen.n_ctx
+        self.render, self.count_tokens = gen.render, gen.count_tokens
+
+    def generate(self, prompt, stop, max_tokens=256, temperature=0.0, seed=None):
+        out = self.gen.generate(prompt, stop, max_tokens, temperature, seed)
+        ids = self.tokenizer(grammar.close_action(out.text), add_special_tokens=False)["input_ids"]
+        drawn, steps = self.gen.last_sampled, self.gen.last_logprobs if temperature > 0 else []
+        lps = []
+        for i, t in enumerate(ids):
+            if i >= len(steps) or (i < len(drawn) and drawn[i] != t):
+                break
+            lps.append(float(steps[i][t]))
+        self.turns.append(lps)
+        self.gen.last_logprobs = []  # the per-step distributions are large: keep only the scalars
+        return out
+
+
+def sampler_positions(tokenizer, prompt: str, segments, turns: list[list[float]], length: int) -> list:
+    """Sampler log-probs placed at the positions `tokenize_episode` gives the policy's tokens (None elsewhere).
+
+    >>> class Tok:  # one token per character
+    ...     def __call__(self, text, add_special_tokens=False):
+    ...         return {"input_ids": [ord(c) for c in text]}
+    >>> sampler_positions(Tok(), "P", [("ab", True), ("I", False), ("c", True)], [[-0.1, -0.2], [-0.3]], 6)
+    [None, -0.1, -0.2, None, -0.3, None]
+    """
+    def n(text):
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    out: list = [None] * n(prompt)
+    k = 0
+    for text, by_policy in segments:
+        m = n(text)
+        if by_policy and k < len(turns):
+            lps = turns[k]
+            k += 1
+            out += [lps[i] if i < len(lps) else None for i in range(m)]
+        else:
+            out += [None] * m
+    return (out + [None] * length)[:length]
 
 
 def run_grpo(net, tok, questions: Sequence[Question], index, cfg: Config, g: GRPOConfig, out: Path,
@@ -54,6 +106,7 @@ def run_grpo(net, tok, questions: Sequence[Question], index, cfg: Config, g: GRP
     opt = torch.optim.AdamW(params, lr=g.lr, weight_decay=0.0)
     state = load_checkpoint(out / "grpo-checkpoint", net, opt) or {"step": 0, "zero_var": 0, "no_search": 0}
     engine = Engine(g.engine, net, tok, out, base_dir, base_gguf, cfg)
+    engine.records = engine.kind == "llamacpp" and g.importance_cap > 0
     rcfg = replace(cfg, loop=replace(cfg.loop, temperature=g.temperature))
     perceptions: dict = {}
     cache: dict = {}
@@ -75,9 +128,10 @@ def run_grpo(net, tok, questions: Sequence[Question], index, cfg: Config, g: GRP
                 eps: list = []
                 if hasattr(engine.gen, "reset"):
                     engine.gen.reset()
-                tr = answer(q.problem, engine.gen, index, rcfg, perceptions[q.id], seed=g.seed * 100003 + step * 101 + qi * 11 + k,
+                gen = SamplerRecorder(engine.gen, tok) if engine.records else engine.gen
+                tr = answer(q.problem, gen, index, rcfg, perceptions[q.id], seed=g.seed * 100003 + step * 101 + qi * 11 + k,
                             search_cache=cache, episode_out=eps)
-                rollouts.append((tr, eps[0], total_reward(tr, q, weights)))
+                rollouts.append((tr, eps[0], total_reward(tr, q, weights), getattr(gen, "turns", None)))
             groups.append((q, rollouts))
         t_roll = time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -86,15 +140,16 @@ def run_grpo(net, tok, questions: Sequence[Question], index, cfg: Config, g: GRP
         trained, zero_groups, stats, loss_sum = 0, 0, [], 0.0
         n_train = sum(1 for _, ro in groups for _ in ro)
         for q, ro in groups:
-            adv = advantages([r["total"] for _, _, r in ro], "grpo" if g.loss == "grpo" else "dr_grpo")
+            adv = advantages([r["total"] for _, _, r, _ in ro], "grpo" if g.loss == "grpo" else "dr_grpo")
             if all(abs(a) < 1e-9 for a in adv):
                 zero_groups += 1  # nothing to learn from a group whose rollouts all scored the same
                 continue
-            for (tr, ep, _), a in zip(ro, adv):
+            for (tr, ep, _, turns), a in zip(ro, adv):
                 if abs(a) < 1e-9:
                     continue
                 te = tokenize_episode(tok, ep.prompt, ep.segments)
-                loss, st = episode_loss(net, te, a, g)
+                slp = sampler_positions(tok, ep.prompt, ep.segments, turns, len(te.input_ids)) if turns else None
+                loss, st = episode_loss(net, te, a, g, slp)
                 (loss / n_train).backward()
                 loss_sum += float(loss.detach()) / n_train
                 stats.append(st)
@@ -103,7 +158,7 @@ def run_grpo(net, tok, questions: Sequence[Question], index, cfg: Config, g: GRP
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
         t_loss = time.perf_counter() - t1
-        flat = [r for _, ro in groups for r in ro]
+        flat = [r[:3] for _, ro in groups for r in ro]
         rec = {"phase": "grpo", "step": step + 1, "of": g.steps, "loss": round(loss_sum, 6),
                "reward": round(sum(r["total"] for _, _, r in flat) / len(flat), 4),
                **{f"reward_{k}": round(sum(r[k] for _, _, r in flat) / len(flat), 4) for k in ("outcome", "format", "action")},
@@ -114,6 +169,8 @@ def run_grpo(net, tok, questions: Sequence[Question], index, cfg: Config, g: GRP
                "completion_tokens": round(sum(tr.tokens["generated"] for tr, _, _ in flat) / len(flat), 1),
                "entropy": round(sum(s["entropy"] for s in stats) / len(stats), 4) if stats else None,
                "kl": round(sum(s["kl"] for s in stats) / len(stats), 5) if stats else None,
+               "importance": round(sum(s["importance"] for s in stats) / len(stats), 4) if stats else None,
+               "importance_capped": round(sum(s["importance_capped"] for s in stats) / len(stats), 5) if stats else None,
                "zero_variance_groups": zero_groups, "trained_rollouts": trained,
                "rollout_s": round(t_roll, 2), "update_s": round(t_loss, 2), "seconds": round(t_roll + t_loss, 2),
                "engine": engine.kind}
