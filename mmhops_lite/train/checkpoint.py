@@ -72,3 +72,22 @@ def load_checkpoint(folder: Path, net, opt) -> dict | None:
         for i, s in info.get("opt_steps", {}).items():
             opt.state[params[int(i)]]["step"] = torch.tensor(s)
     return info["state"]
+
+
+def trim_log(log: Path, step: int) -> None:
+    """On resume, drop log rows past the checkpoint's step: the run redoes those steps and logs them again.
+
+    >>> import tempfile, json
+    >>> p = Path(tempfile.mkdtemp()) / "log.jsonl"
+    >>> _ = p.write_text("".join(json.dumps({"step": s}) + "\\n" for s in (1, 2, 3)))
+    >>> trim_log(p, 2); [json.loads(x)["step"] for x in p.read_text().splitlines()]
+    [1, 2]
+    """
+    if not log.is_file():
+        return
+    rows = log.read_text(encoding="utf-8").splitlines()
+    keep = [r for r in rows if r.strip() and json.loads(r).get("step", 0) <= step]
+    if len(keep) != len(rows):
+        tmp = log.with_name(log.name + ".tmp")
+        tmp.write_text("".join(r + "\n" for r in keep), encoding="utf-8")
+        os.replace(tmp, log)

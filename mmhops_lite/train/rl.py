@@ -13,7 +13,7 @@ from ..errors import require
 from ..loop import answer, perceive
 from ..rewards import Weights, total_reward
 from ..types import Question
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint, trim_log
 from .episodes import tokenize_episode
 from .grpo import GRPOConfig, advantages, episode_loss, question_order
 from .policy import adapter_to_gguf, save_adapter
@@ -111,6 +111,7 @@ def run_grpo(net, tok, questions: Sequence[Question], index, cfg: Config, g: GRP
     perceptions: dict = {}
     cache: dict = {}
     log = out / "grpo-log.jsonl"
+    trim_log(log, state["step"])
     warn = on_warning or (lambda msg: None)
     while state["step"] < g.steps:
         step = state["step"]

@@ -12,7 +12,7 @@ from ..config import Config
 from ..errors import InputError, require
 from ..loop import perceive
 from ..types import Question
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint, trim_log
 from .episodes import TokenizedEpisode, gold_episode, tokenize_episode
 
 
@@ -83,6 +83,7 @@ def run_sft(net, data: list[TokenizedEpisode], out: Path, scfg: SFTConfig, meta:
     total = steps_per_epoch * scfg.epochs
     state = load_checkpoint(out / "checkpoint", net, opt) or {"step": 0}
     log = out / "sft-log.jsonl"
+    trim_log(log, state["step"])
     while state["step"] < total:
         step = state["step"]
         epoch, k = divmod(step, steps_per_epoch)
