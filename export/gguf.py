@@ -1,6 +1,7 @@
 """GGUF export: base + LoRA -> merged Hugging Face checkpoint -> GGUF F16 -> quantized; or the adapter alone."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -56,13 +57,34 @@ def quantize(src: Path, out: Path, quant: str) -> Path:
     params.ftype = getattr(llama_cpp, QUANTS[quant])
     params.nthread = free_cores()
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+    with _c_stderr_to_file() as log:  # llama.cpp prints a line per tensor to the C stderr
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+        tail = "\n".join(log.read_text(errors="replace").strip().splitlines()[-5:]) if rc != 0 else ""
     if rc != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
-        raise MmhopsError(f"llama.cpp could not quantize {src} to {quant} (code {rc})", path=src,
+        raise MmhopsError(f"llama.cpp could not quantize {src} to {quant} (code {rc})\n{tail}", path=src,
                           fix="try --quant f16 or q8_0")
     os.replace(tmp, out)
     return out
+
+
+@contextlib.contextmanager
+def _c_stderr_to_file():
+    """Send file descriptor 2 (where C libraries write) to a temp file for the block; the file is removed after."""
+    import sys
+    import tempfile
+
+    fd, name = tempfile.mkstemp(prefix="mmhops-llama-", suffix=".log")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(fd, 2)
+    try:
+        yield Path(name)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(fd)
+        Path(name).unlink(missing_ok=True)
 
 
 def gguf_metadata(path: Path) -> dict:

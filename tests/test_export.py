@@ -70,13 +70,14 @@ def test_parity_gate_refuses_a_mismatched_export(tiny_lora, tmp_path, monkeypatc
     assert json.loads((tmp_path / "c" / "manifest.json").read_text())["quant"] == "q8_0"
 
 
-def test_gguf_bundle_loads_in_stock_llama_cpp(tiny_lora, tmp_path):
+def test_gguf_bundle_loads_in_stock_llama_cpp(tiny_lora, tmp_path, capfd):
     import llama_cpp
 
     from export.bundle import export_gguf
 
     base, adapter = tiny_lora
     export_gguf(str(base), str(adapter), tmp_path / "b", quant="q8_0", prompts=4, force=True)
+    assert "llama_model_quantize" not in capfd.readouterr().err  # llama.cpp's per-tensor chatter is kept quiet
     llm = llama_cpp.Llama(model_path=str(tmp_path / "b" / "policy.gguf"), n_ctx=128, verbose=False)
     assert llm.n_vocab() > 1000 and llm.metadata.get("tokenizer.chat_template")
 
