@@ -78,9 +78,13 @@ def _c_stderr_to_file():
     sys.stderr.flush()
     saved = os.dup(2)
     os.dup2(fd, 2)
+    # llama-cpp-python's log callback prints to sys.stderr, which need not be fd 2 (pytest, notebooks)
+    py = open(name, "a", encoding="utf-8")  # noqa: SIM115 - closed in finally
     try:
-        yield Path(name)
+        with contextlib.redirect_stderr(py):
+            yield Path(name)
     finally:
+        py.close()
         os.dup2(saved, 2)
         os.close(saved)
         os.close(fd)
