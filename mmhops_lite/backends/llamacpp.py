@@ -100,6 +100,11 @@ class LlamaCppGenerator:
                           ch.get("finish_reason") or "stop")
 
 
+    def reset(self) -> None:
+        """Forget the KV cache (the next call evaluates its whole prompt)."""
+        self.llm.reset()
+
+
 def run_converter(script: str, args: list[str], out: Path, what: str, fix: str) -> Path:
     """Run one of llama.cpp's converter scripts (from the pinned source package) into `out`, atomically."""
     import os
