@@ -445,7 +445,7 @@ def export_cmd(
     adapter: Optional[str] = typer.Option("auto", "--adapter", help="LoRA to merge: a train run folder, PEFT folder, "
                                                                     "`auto` (the shipped one) or `none`."),
     quant: Optional[str] = typer.Option(None, "--quant", help="GGUF: f16, q8_0 (default) or q4_k_m. ONNX: fp32 or "
-                                                              "int8 (default; 8-bit weights, float activations)."),
+                                                              "int8 (default; 8-bit block weights)."),
     adapter_only: bool = typer.Option(False, "--adapter-only", help="GGUF only: write the LoRA as a GGUF adapter over "
                                                                     "the base GGUF (no merge)."),
     out: Path = typer.Option(Path("bundle"), "-o", "--out", help="Bundle folder to write."),

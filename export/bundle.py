@@ -114,7 +114,6 @@ def export_bundle(fmt: str, base: str, adapter: str | None, out: Path, quant: st
     `index` (an open MultimodalIndex) with `questions` makes the parity prompts the dev split's real ones.
     """
     from mmhops_lite.backends.base import adapter_for
-    from mmhops_lite.backends.torch_backend import TorchGenerator
     from mmhops_lite.train.policy import adapter_to_gguf, base_folder
 
     say = progress or (lambda msg: None)
@@ -159,7 +158,7 @@ def export_bundle(fmt: str, base: str, adapter: str | None, out: Path, quant: st
                 kind, gate_key = "onnx", f"onnx-{quant}"
         candidate = _open(kind, work, base_gguf)
         say("measuring parity against the torch model")
-        reference = TorchGenerator(base_dir, n_ctx=4096, adapter=adapter_for("torch", adapter) if adapter else None)
+        reference = _reference(base_dir, adapter)
         items, source = parity_prompts(prompts, questions, index, reference.count_tokens)
         agree = agreement(greedy_next(reference, items), greedy_next(candidate, items))
         del candidate, reference
@@ -196,6 +195,14 @@ def export_bundle(fmt: str, base: str, adapter: str | None, out: Path, quant: st
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _reference(base_dir: Path, adapter: str | None):
+    """The torch model an export is measured against: the base with the PEFT adapter merged in."""
+    from mmhops_lite.backends.base import adapter_for
+    from mmhops_lite.backends.torch_backend import TorchGenerator
+
+    return TorchGenerator(base_dir, n_ctx=4096, adapter=adapter_for("torch", adapter) if adapter else None)
+
+
 def _open(kind: str, work: Path, base_gguf: Path | None):
     """The freshly written policy, loaded by the runtime users will run it with."""
     if kind == "onnx":
@@ -215,13 +222,10 @@ def verify_bundle(bundle: Path, parity: bool = False, prompts: int = 50, questio
     man = check_bundle(bundle)
     out = {"ok": True, "files": len(man["files"]), "parity": man["parity"]}
     if parity:
-        from mmhops_lite.backends.base import adapter_for
-        from mmhops_lite.backends.torch_backend import TorchGenerator
         from mmhops_lite.train.policy import base_folder
 
         base_dir, _ = base_folder(man["base"])
-        reference = TorchGenerator(base_dir, n_ctx=4096,
-                                   adapter=adapter_for("torch", man["adapter"]) if man["adapter"] else None)
+        reference = _reference(base_dir, man["adapter"])
         items, source = parity_prompts(prompts, questions, index, reference.count_tokens)
         out["parity_now"] = round(agreement(greedy_next(reference, items),
                                             greedy_next(bundle_generator(bundle), items)), 4)

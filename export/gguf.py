@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 from pathlib import Path
@@ -100,4 +99,4 @@ def gguf_metadata(path: Path) -> dict:
         "chat_template": bool(meta.get("tokenizer.chat_template"))}
 
 
-__all__ = ["merge", "convert", "quantize", "QUANTS", "gguf_metadata", "json"]
+__all__ = ["merge", "convert", "quantize", "QUANTS", "gguf_metadata"]

@@ -80,7 +80,8 @@ class LlamaCppGenerator:
 
             def capture(_ids, scores):  # the raw logits of each step, before the sampler draws
                 z = scores.astype(np.float32) / temperature
-                steps.append(z - (z.max() + np.log(np.exp(z - z.max()).sum())))
+                z -= z.max()
+                steps.append(z - np.log(np.exp(z).sum()))
                 return scores
 
             processors = LogitsProcessorList([capture])
@@ -98,7 +99,6 @@ class LlamaCppGenerator:
         ch = out["choices"][0]
         return Generation(ch["text"], len(toks), len(toks) - cached, out["usage"]["completion_tokens"], dt,
                           ch.get("finish_reason") or "stop")
-
 
     def reset(self) -> None:
         """Forget the KV cache (the next call evaluates its whole prompt)."""

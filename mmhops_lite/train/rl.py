@@ -127,8 +127,8 @@ def run_grpo(net, tok, questions: Sequence[Question], index, cfg: Config, g: GRP
             rollouts = []
             for k in range(g.group_size):
                 eps: list = []
-                if hasattr(engine.gen, "reset"):
-                    engine.gen.reset()
+                if engine.kind == "torch":  # the live model's cache must not carry numerics across rollouts;
+                    engine.gen.reset()        # llama.cpp keeps the system prompt (its engine is rebuilt each refresh)
                 gen = SamplerRecorder(engine.gen, tok) if engine.records else engine.gen
                 tr = answer(q.problem, gen, index, rcfg, perceptions[q.id], seed=g.seed * 100003 + step * 101 + qi * 11 + k,
                             search_cache=cache, episode_out=eps)
