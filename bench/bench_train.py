@@ -28,10 +28,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--adapter", type=Path, help="start from this train run's adapter (e.g. an SFT warm start)")
     ap.add_argument("--questions", type=Path, default=api.demo_paths()[0].parent / "questions" / "train.jsonl")
+    ap.add_argument("--engines", default="llamacpp,torch", help="comma list of rollout engines to time")
+    ap.add_argument("--update-dtype", default="auto", choices=["auto", "bf16", "fp32"])
     a = ap.parse_args()
     cfg = Config.resolve()
     rows = {}
-    for engine in ("llamacpp", "torch"):
+    for engine in a.engines.split(","):
         out = Path(tempfile.mkdtemp(prefix=f"bench-train-{engine}-"))
         try:
             if a.adapter:  # start both engines from the same weights: copy the run's checkpoint as a GRPO one
@@ -41,11 +43,13 @@ def main() -> None:
                 (out / "grpo-checkpoint" / "state.json").write_text(json.dumps(st))
                 (out / "grpo-checkpoint" / "optimizer.safetensors").unlink(missing_ok=True)
             api.train_policy(a.questions, cfg, out, lora=LoraSpec(), sft=None,
-                             grpo=GRPOConfig(steps=a.steps, engine=engine, checkpoint_every=10**6))
+                             grpo=GRPOConfig(steps=a.steps, engine=engine, checkpoint_every=10**6,
+                                             update_dtype=a.update_dtype))
             log = [json.loads(x) for x in (out / "grpo-log.jsonl").read_text().splitlines()]
             n_roll = 2 * 4
             rows[engine] = {
                 "step_s": statistics.median(r["seconds"] for r in log),
+                "refresh_s": statistics.median(r.get("refresh_s", 0.0) for r in log),
                 "rollout_s": statistics.median(r["rollout_s"] for r in log),
                 "update_s": statistics.median(r["update_s"] for r in log),
                 "rollout_tok_s": statistics.median(r["completion_tokens"] * n_roll / max(r["rollout_s"], 1e-9)
@@ -53,9 +57,10 @@ def main() -> None:
             }
         finally:
             shutil.rmtree(out, ignore_errors=True)
-    print(f"{'engine':10} {'s/step':>8} {'rollouts s':>11} {'update s':>9} {'rollout tok/s':>14}")
+    print(f"{'engine':10} {'s/step':>8} {'refresh s':>10} {'rollouts s':>11} {'update s':>9} {'rollout tok/s':>14}")
     for e, r in rows.items():
-        print(f"{e:10} {r['step_s']:8.1f} {r['rollout_s']:11.1f} {r['update_s']:9.1f} {r['rollout_tok_s']:14.1f}")
+        print(f"{e:10} {r['step_s']:8.1f} {r['refresh_s']:10.2f} {r['rollout_s']:11.1f} {r['update_s']:9.1f} "
+              f"{r['rollout_tok_s']:14.1f}")
     if len(rows) == 2:
         print(f"llama.cpp / torch: step {rows['torch']['step_s'] / rows['llamacpp']['step_s']:.2f}x faster, "
               f"rollout tokens/s {rows['llamacpp']['rollout_tok_s'] / rows['torch']['rollout_tok_s']:.2f}x "

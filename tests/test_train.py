@@ -203,7 +203,7 @@ def test_importance_weights_scale_each_policy_token(tiny_hf):
     ep = tokenize_episode(tok, "<|im_start|>user\nQ<|im_end|>\n",
                           [("<think>a</think><text_search>x</text_search>", True), ("<information>y</information>", False),
                            ("<answer>z</answer>", True)])
-    cfg = GRPOConfig(loss="grpo", importance_cap=2.0)
+    cfg = GRPOConfig(loss="grpo", importance_cap=2.0, update_dtype="fp32")
     base, st0 = episode_loss(net, ep, 1.0, cfg)
     logp, _ = token_logprobs(net, ep)
     same = [None] + [float(v) for v in logp.detach()]
@@ -215,3 +215,79 @@ def test_importance_weights_scale_each_policy_token(tiny_hf):
     assert capped == pytest.approx(2.0 * base, rel=1e-4)
     assert st2["importance"] == pytest.approx(2.0) and st2["importance_capped"] == pytest.approx(1.0)
     assert st0["importance"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_in_process_gguf_lora_equals_the_converter(family, tmp_path):
+    """The rollout engine's millisecond adapter writer gives llama.cpp's converter's tensors, bit for bit
+    (with random B matrices, so Llama's q/k row permutation is exercised)."""
+    import numpy as np
+    import torch
+    from gguf import GGUFReader
+    from tiny_models import make_tiny_hf, save_gguf_tokenizer
+
+    from mmhops_lite.registry import resolve
+    from mmhops_lite.train.policy import adapter_to_gguf, load_for_training, lora_to_gguf, save_adapter
+
+    tok = save_gguf_tokenizer(tmp_path / "tok", resolve("smollm2-135m-instruct"))
+    base = make_tiny_hf(tmp_path / family, tok, family, seed=5)
+    net, _, folder, _ = load_for_training(str(base), LoraSpec(r=4, alpha=8), threads=1)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    ref = adapter_to_gguf(save_adapter(net, tmp_path / "peft", {}), folder, tmp_path / "ref.gguf")
+    got = lora_to_gguf(net, folder, tmp_path / "got.gguf")
+    want = {t.name: np.array(t.data) for t in GGUFReader(str(ref)).tensors}
+    mine = {t.name: np.array(t.data) for t in GGUFReader(str(got)).tensors}
+    assert set(mine) == set(want) and len(want) == 2 * 7 * 2
+    for name in want:
+        assert mine[name].shape == want[name].shape and np.array_equal(mine[name], want[name]), name
+    fields = GGUFReader(str(got)).fields
+    assert fields["adapter.lora.alpha"].contents() == 8.0 and fields["general.type"].contents() == "adapter"
+
+
+def test_fast_update_equals_the_full_logits_reference(tiny_hf):
+    """The update's fast path (LM head on policy rows only, a group's shared prompt forwarded once) gives the
+    reference losses and LoRA gradients of per-rollout full-logit forwards; bf16 autocast stays close."""
+    import torch
+
+    from mmhops_lite.train.grpo import (GRPOConfig, group_losses, policy_logprobs, policy_targets, shared_start,
+                                        token_logprobs)
+
+    net, tok, _, _ = load_for_training(str(tiny_hf), LoraSpec(r=4, alpha=8), threads=1, seed=0)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    prompt = "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nWhich river?<|im_end|>\n<|im_start|>assistant\n"
+    eps = [tokenize_episode(tok, prompt, [(f"<think>{w}</think><text_search>{w}</text_search>", True),
+                                          (f"\n<information>\n[1] {w} flows.\n</information>\n", False),
+                                          (f"<answer>{w}</answer>", True)]) for w in ("Rhine", "Nile", "Po")]
+    advs = [1.0, -0.5, -0.5]
+    params = [p for p in net.parameters() if p.requires_grad]
+    cfg = GRPOConfig(loss="grpo", update_dtype="fp32")
+
+    def grads(loss):
+        net.zero_grad(set_to_none=True)
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in params])
+
+    ref_losses = []
+    for ep, a in zip(eps, advs):  # reference: every position's logits, masked afterwards
+        logp, _ = token_logprobs(net, ep)
+        m = torch.tensor(ep.loss_mask[1:], dtype=torch.float32)
+        ref_losses.append(-(torch.exp(logp - logp.detach()) * a * m).sum() / m.sum())
+        fast_logp, _ = policy_logprobs(net, ep)
+        assert torch.allclose(fast_logp, logp[[t - 1 for t in policy_targets(ep)]], atol=1e-5)
+    want = grads(sum(ref_losses))
+    assert shared_start(eps) > 10  # the prompt really is shared
+    fast = group_losses(net, [(ep, a, None) for ep, a in zip(eps, advs)], cfg)
+    for (loss, st), ref, ep in zip(fast, ref_losses, eps):
+        assert float(loss.detach()) == pytest.approx(float(ref.detach()), abs=1e-5) and st["tokens"] == sum(ep.loss_mask)
+    got = grads(sum(loss for loss, _ in fast))
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4) and want.abs().max() > 0
+    half = group_losses(net, [(ep, a, None) for ep, a in zip(eps, advs)], GRPOConfig(loss="grpo", update_dtype="bf16"))
+    g16 = grads(sum(loss for loss, _ in half))
+    assert float(torch.nn.functional.cosine_similarity(g16, want, dim=0)) > 0.98

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import require
 from .episodes import TokenizedEpisode
@@ -34,6 +35,7 @@ class GRPOConfig:
     engine: str = "llamacpp"  # llamacpp (GGUF adapter over the base GGUF) | torch (the live peft model)
     refresh_every: int = 1  # steps between GGUF adapter refreshes of the llama.cpp engine
     importance_cap: float = 2.0  # truncated importance weights for the llama.cpp sampler (0 = off)
+    update_dtype: str = "auto"  # auto (bf16 autocast where the CPU has native bf16) | bf16 | fp32
     checkpoint_every: int = 5
     seed: int = 0
 
@@ -73,8 +75,26 @@ def question_order(n: int, step: int, per_step: int, seed: int) -> list[int]:
     return out
 
 
+def native_bf16() -> bool:
+    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX): the update then runs its body in bf16."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def update_bf16(cfg: GRPOConfig) -> bool:
+    return cfg.update_dtype == "bf16" or (cfg.update_dtype == "auto" and native_bf16())
+
+
+def _lm(net):
+    return net.get_base_model() if hasattr(net, "get_base_model") else net
+
+
 def token_logprobs(net, ep: TokenizedEpisode):
-    """(log-probs of each next token, entropy of each next-token distribution), positions 1..n-1."""
+    """(log-probs of each next token, entropy of each next-token distribution), positions 1..n-1 (fp32, all
+    positions: the reference the fast path below is tested against)."""
     torch = require("torch", "train")
     ids = torch.tensor([ep.input_ids])
     logits = net(input_ids=ids).logits[0, :-1].float()
@@ -85,42 +105,131 @@ def token_logprobs(net, ep: TokenizedEpisode):
     return logp, entropy
 
 
-def episode_loss(net, ep: TokenizedEpisode, adv: float, cfg: GRPOConfig, sampler_logprobs: list | None = None,
-                 max_tokens: int = 1024):
-    """Clipped policy-gradient loss of one rollout (+ k3 KL), summed over its policy tokens; and its stats.
+def policy_targets(ep: TokenizedEpisode) -> list[int]:
+    """Positions of the tokens the policy wrote (loss_mask 1): the only ones the GRPO loss reads.
 
-    `sampler_logprobs` (one per position of `ep.input_ids`, None where unknown) are the rollout engine's own
-    log-probabilities of the tokens it drew. Each policy token's loss is then scaled by the truncated importance
-    weight min(pi_torch / pi_sampler, cfg.importance_cap), which corrects for the llama.cpp sampler not being
-    exactly the torch policy (quantized matmuls, LoRA in another precision, a re-tokenized transcript).
+    >>> policy_targets(TokenizedEpisode([5, 6, 7, 8, 9], [0, 0, 1, 0, 1], 2))
+    [2, 4]
     """
+    return [t for t, m in enumerate(ep.loss_mask) if m and t > 0]
+
+
+def policy_logprobs(net, ep: TokenizedEpisode, bf16: bool = False, start: int = 0, prefix=None):
+    """(log-prob, entropy) at each policy position only.
+
+    The transformer body runs from `start` (the keys/values of ids[:start] given as `prefix`, shared by a group),
+    under bfloat16 autocast when `bf16`; the LM head runs in fp32 and only on the rows that predict a policy
+    token, so nothing the loop wrote (<information>, corrections) or the prompt even reaches the loss."""
     torch = require("torch", "train")
-    logp, ent = token_logprobs(net, ep)
-    mask = torch.tensor(ep.loss_mask[1:], dtype=torch.float32)
+    lm = _lm(net)
+    targets = policy_targets(ep)
+    if targets and targets[0] <= start:
+        raise ValueError("a shared prefix must end before the first policy token")
+    ids = torch.tensor([ep.input_ids[start:]])
+    cache = None
+    if prefix is not None:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=prefix)  # fresh cache object, the prefix tensors themselves (with grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        h = lm.get_decoder()(input_ids=ids, past_key_values=cache, use_cache=cache is not None).last_hidden_state[0]
+    rows = torch.tensor([t - 1 - start for t in targets], dtype=torch.long)
+    with torch.autocast("cpu", enabled=False):
+        logits = lm.get_output_embeddings()(h[rows].float())
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, torch.tensor(ep.input_ids)[targets][:, None])[:, 0]
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def policy_loss(logp, ent, adv: float, cfg: GRPOConfig, sampler=None, ref=None, max_tokens: int = 1024):
+    """Clipped policy-gradient loss over the policy tokens of one rollout (+ k3 KL to `ref`), and its stats.
+
+    `sampler` (one per policy token, None where unknown) are the rollout engine's log-probabilities of the tokens
+    it drew: each token's loss is scaled by min(pi_torch / pi_sampler, cfg.importance_cap)."""
+    torch = require("torch", "train")
     old = logp.detach()  # one update per batch of rollouts: the behaviour policy is the current one
     ratio = torch.exp(logp - old)
     a = torch.full_like(logp, adv)
     per_tok = -torch.min(ratio * a, torch.clamp(ratio, 1 - cfg.clip, 1 + cfg.clip) * a)
     iw = torch.ones_like(logp)
-    if sampler_logprobs is not None and cfg.importance_cap > 0:
-        iw = importance_weights(old, sampler_logprobs[1:], cfg.importance_cap)
+    if sampler is not None and cfg.importance_cap > 0:
+        iw = importance_weights(old, sampler, cfg.importance_cap)
         per_tok = per_tok * iw
     kl_tok = torch.zeros_like(logp)
-    if cfg.kl > 0:
-        with torch.no_grad(), net.disable_adapter():
-            ref, _ = token_logprobs(net, ep)
+    if ref is not None:
         d = ref - logp
         kl_tok = torch.exp(d) - d - 1.0
         per_tok = per_tok + cfg.kl * kl_tok
-    n = mask.sum().clamp(min=1.0)
-    if cfg.loss == "dr_grpo":
-        loss = (per_tok * mask).sum() / max_tokens  # a constant normaliser: no length bias
-    else:
-        loss = (per_tok * mask).sum() / n
-    stats = {"entropy": float((ent.detach() * mask).sum() / n), "kl": float((kl_tok.detach() * mask).sum() / n),
-             "tokens": int(mask.sum()), "importance": float((iw * mask).sum() / n),
-             "importance_capped": float(((iw >= cfg.importance_cap - 1e-6) * mask).sum() / n)}
+    n = max(len(logp), 1)
+    loss = per_tok.sum() / (max_tokens if cfg.loss == "dr_grpo" else n)  # dr_grpo: a constant, no length bias
+    stats = {"entropy": float(ent.detach().sum() / n), "kl": float(kl_tok.detach().sum() / n),
+             "tokens": len(logp), "importance": float(iw.sum() / n),
+             "importance_capped": float((iw >= cfg.importance_cap - 1e-6).sum() / n)}
     return loss, stats
+
+
+def _reference(net, ep: TokenizedEpisode, cfg: GRPOConfig):
+    if cfg.kl <= 0:
+        return None
+    torch = require("torch", "train")
+    with torch.no_grad(), net.disable_adapter():
+        return policy_logprobs(net, ep, update_bf16(cfg))[0]
+
+
+def episode_loss(net, ep: TokenizedEpisode, adv: float, cfg: GRPOConfig, sampler_logprobs: list | None = None,
+                 max_tokens: int = 1024):
+    """Loss and stats of one rollout on its own. `sampler_logprobs`: one per position of `ep.input_ids`."""
+    logp, ent = policy_logprobs(net, ep, update_bf16(cfg))
+    targets = policy_targets(ep)
+    sampler = [sampler_logprobs[t] for t in targets] if sampler_logprobs is not None else None
+    return policy_loss(logp, ent, adv, cfg, sampler, _reference(net, ep, cfg), max_tokens)
+
+
+def shared_start(eps: list[TokenizedEpisode]) -> int:
+    """Where a group's episodes may split: inside their common token prefix, before anyone's first policy token.
+
+    >>> a = TokenizedEpisode([1, 2, 3, 4, 5], [0, 0, 0, 1, 1], 3)
+    >>> b = TokenizedEpisode([1, 2, 3, 9, 9, 9], [0, 0, 0, 1, 1, 1], 3)
+    >>> shared_start([a, b])
+    2
+    """
+    common = len(eps[0].input_ids)
+    for e in eps[1:]:
+        n = 0
+        for x, y in zip(eps[0].input_ids, e.input_ids):
+            if x != y:
+                break
+            n += 1
+        common = min(common, n)
+    firsts = [next((t for t, m in enumerate(e.loss_mask) if m), len(e.loss_mask)) for e in eps]
+    return max(0, min([common] + firsts) - 1)
+
+
+def group_losses(net, items: list, cfg: GRPOConfig, max_tokens: int = 1024) -> list:
+    """[(loss, stats)] for a group's rollouts [(episode, advantage, sampler log-probs per position)].
+
+    The prompt the rollouts share (system prompt, question, image descriptions: often half of each episode) is
+    run through the model once, with gradient, and its keys/values feed every rollout's continuation; the
+    backward pass then goes through it once too. Losses equal `episode_loss` of each rollout."""
+    bf16 = update_bf16(cfg)
+    eps = [it[0] for it in items]
+    start = shared_start(eps) if len(eps) > 1 else 0
+    prefix = None
+    if start >= 2:
+        torch = require("torch", "train")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = _lm(net).get_decoder()(input_ids=torch.tensor([eps[0].input_ids[:start]]), use_cache=True)
+        prefix = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    else:
+        start = 0
+    res = []
+    for ep, adv, slp in items:
+        logp, ent = policy_logprobs(net, ep, bf16, start, prefix)
+        targets = policy_targets(ep)
+        sampler = [slp[t] for t in targets] if slp is not None else None
+        res.append(policy_loss(logp, ent, adv, cfg, sampler, _reference(net, ep, cfg), max_tokens))
+    return res
 
 
 def importance_weights(logp, sampler_logprobs: list, cap: float):

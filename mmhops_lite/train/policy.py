@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -82,6 +83,58 @@ def adapter_to_gguf(adapter: Path, base: Path, out: Path) -> Path:
                          "check the adapter matches the base model; rerun bash scripts/setup.sh")
 
 
+# Hugging Face projection -> llama.cpp tensor, for the architectures whose LoRA we write in-process.
+_GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down"}
+_LORA_KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.(\w+\.\w+)\.lora_([AB])\.(?:\w+\.)?weight$")
+
+
+def lora_to_gguf(net, base: Path, out: Path) -> Path:
+    """Write the live LoRA weights of `net` as a GGUF adapter, in-process and in well under a second.
+
+    The same tensors as llama.cpp's converter (checked against it in the tests) for Llama and Qwen2 bases:
+    lora_a / lora_b per projection as float32, and for Llama the rotary row order of llama.cpp applied to the
+    q/k B matrices, as the base GGUF has it. Other architectures (or DoRA, biases, embeddings) go through
+    `adapter_to_gguf`. The rollout engine refreshes its adapter this way at every GRPO step."""
+    gguf = require("gguf", "all")
+    torch = require("torch", "train")
+    cfg = json.loads((Path(base) / "config.json").read_text())
+    arch = cfg.get("model_type")
+    if arch not in ("llama", "qwen2"):
+        raise ValueError(f"in-process GGUF LoRA writing supports llama and qwen2 bases, not {arch}")
+    peft_cfg = net.peft_config["default"]
+    n_head, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    tensors = {}
+    for key, value in net.state_dict().items():
+        if "lora_" not in key:
+            continue
+        m = _LORA_KEY.match(key)
+        if not m or m.group(2) not in _GGUF_NAMES:
+            raise ValueError(f"no GGUF name for LoRA tensor {key}: use adapter_to_gguf")
+        layer, proj, ab = m.groups()
+        w = value.detach().to(torch.float32).cpu().numpy()
+        if arch == "llama" and ab == "B" and proj in ("self_attn.q_proj", "self_attn.k_proj"):
+            heads = n_head if proj == "self_attn.q_proj" else n_kv
+            # llama.cpp stores q/k rows of each head as (half 0, half 1) interleaved pairs
+            w = w.reshape(heads, 2, w.shape[0] // heads // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+        tensors[f"blk.{layer}.{_GGUF_NAMES[proj]}.weight.lora_{ab.lower()}"] = w
+    out = Path(out)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    writer.add_type("adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", float(peft_cfg.lora_alpha))
+    for name in sorted(tensors):
+        writer.add_tensor(name, tensors[name])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, out)
+    return out
+
+
 def check_adapter(path: Path) -> Path:
     """A PEFT adapter folder or a .gguf adapter file, or ModelNotFound."""
     path = Path(path)
@@ -93,4 +146,4 @@ def check_adapter(path: Path) -> Path:
                         fix="pass the folder written by `mmhops-lite train`, or its adapter.gguf")
 
 
-__all__ = ["LoraSpec", "load_for_training", "save_adapter", "adapter_to_gguf", "base_folder", "check_adapter", "asdict"]
+__all__ = ["LoraSpec", "load_for_training", "save_adapter", "adapter_to_gguf", "lora_to_gguf", "base_folder", "check_adapter", "asdict"]

@@ -15,8 +15,8 @@ from ..rewards import Weights, total_reward
 from ..types import Question
 from .checkpoint import load_checkpoint, save_checkpoint, trim_log
 from .episodes import tokenize_episode
-from .grpo import GRPOConfig, advantages, episode_loss, question_order
-from .policy import adapter_to_gguf, save_adapter
+from .grpo import GRPOConfig, advantages, group_losses, question_order
+from .policy import adapter_to_gguf, lora_to_gguf, save_adapter
 
 ZERO_VAR_WARN, NO_SEARCH_WARN = 5, 5  # consecutive steps before a collapse warning
 
@@ -40,8 +40,12 @@ class Engine:
         else:
             from ..backends.llamacpp import LlamaCppGenerator
 
-            folder = save_adapter(self.net, self.out / "rollout-adapter", {"step": step})
-            gguf = adapter_to_gguf(folder, self.base_dir, self.out / "rollout-adapter.gguf")
+            target = self.out / "rollout-adapter.gguf"
+            try:  # the live LoRA written straight to GGUF (milliseconds); the converter for other architectures
+                gguf = lora_to_gguf(self.net, self.base_dir, target)
+            except ValueError:
+                folder = save_adapter(self.net, self.out / "rollout-adapter", {"step": step})
+                gguf = adapter_to_gguf(folder, self.base_dir, target)
             self.gen = LlamaCppGenerator(self.base_gguf, n_ctx=self.cfg.model.n_ctx, threads=self.cfg.model.threads,
                                          lora_path=gguf)
             self.gen.record_logprobs = self.records
@@ -115,10 +119,12 @@ def run_grpo(net, tok, questions: Sequence[Question], index, cfg: Config, g: GRP
     warn = on_warning or (lambda msg: None)
     while state["step"] < g.steps:
         step = state["step"]
+        t_ref = time.perf_counter()
         if engine.gen is None or step - engine.version >= g.refresh_every:
             net.eval()
             engine.refresh(step)
         t0 = time.perf_counter()
+        t_ref = t0 - t_ref
         groups = []
         for qi in question_order(len(questions), step, g.questions_per_step, g.seed):
             q = questions[qi]
@@ -145,13 +151,16 @@ def run_grpo(net, tok, questions: Sequence[Question], index, cfg: Config, g: GRP
             if all(abs(a) < 1e-9 for a in adv):
                 zero_groups += 1  # nothing to learn from a group whose rollouts all scored the same
                 continue
+            items = []
             for (tr, ep, _, turns), a in zip(ro, adv):
                 if abs(a) < 1e-9:
                     continue
                 te = tokenize_episode(tok, ep.prompt, ep.segments)
                 slp = sampler_positions(tok, ep.prompt, ep.segments, turns, len(te.input_ids)) if turns else None
-                loss, st = episode_loss(net, te, a, g, slp)
-                (loss / n_train).backward()
+                items.append((te, a, slp))
+            results = group_losses(net, items, g)  # the group's shared prompt is forwarded (and backwarded) once
+            sum(loss for loss, _ in results).div(n_train).backward()
+            for loss, st in results:
                 loss_sum += float(loss.detach()) / n_train
                 stats.append(st)
                 trained += 1
@@ -173,7 +182,8 @@ def run_grpo(net, tok, questions: Sequence[Question], index, cfg: Config, g: GRP
                "importance": round(sum(s["importance"] for s in stats) / len(stats), 4) if stats else None,
                "importance_capped": round(sum(s["importance_capped"] for s in stats) / len(stats), 5) if stats else None,
                "zero_variance_groups": zero_groups, "trained_rollouts": trained,
-               "rollout_s": round(t_roll, 2), "update_s": round(t_loss, 2), "seconds": round(t_roll + t_loss, 2),
+               "refresh_s": round(t_ref, 2), "rollout_s": round(t_roll, 2), "update_s": round(t_loss, 2),
+               "seconds": round(t_ref + t_roll + t_loss, 2),
                "engine": engine.kind}
         state["zero_var"] = state["zero_var"] + 1 if zero_groups == len(groups) else 0
         state["no_search"] = state["no_search"] + 1 if rec["searches"] < 0.05 else 0
