@@ -34,6 +34,7 @@ class GRPOConfig:
     temperature: float = 1.0
     engine: str = "llamacpp"  # llamacpp (GGUF adapter over the base GGUF) | torch (the live peft model)
     refresh_every: int = 1  # steps between GGUF adapter refreshes of the llama.cpp engine
+    rollout_weights: str = "merged"  # llama.cpp engine: merged (LoRA folded into a Q8_0 GGUF) | adapter (GGUF LoRA)
     importance_cap: float = 2.0  # truncated importance weights for the llama.cpp sampler (0 = off)
     update_dtype: str = "auto"  # auto (bf16 autocast where the CPU has native bf16) | bf16 | fp32
     checkpoint_every: int = 5
@@ -206,29 +207,40 @@ def shared_start(eps: list[TokenizedEpisode]) -> int:
     return max(0, min([common] + firsts) - 1)
 
 
-def group_losses(net, items: list, cfg: GRPOConfig, max_tokens: int = 1024) -> list:
-    """[(loss, stats)] for a group's rollouts [(episode, advantage, sampler log-probs per position)].
+def group_backward(net, items: list, cfg: GRPOConfig, scale: float = 1.0, max_tokens: int = 1024) -> list:
+    """Backpropagate scale * sum of the losses of a group's rollouts [(episode, advantage, sampler log-probs per
+    position)]; returns [(loss, stats)] per rollout (losses detached).
 
-    The prompt the rollouts share (system prompt, question, image descriptions: often half of each episode) is
-    run through the model once, with gradient, and its keys/values feed every rollout's continuation; the
-    backward pass then goes through it once too. Losses equal `episode_loss` of each rollout."""
+    The prompt the rollouts share (system prompt, question, image descriptions: often half of each episode) runs
+    through the model once. Its keys/values enter each rollout's pass as detached leaves, each rollout is
+    backpropagated on its own (one rollout's activations in memory at a time), and the gradients the leaves
+    gathered are sent back through the prompt's pass once at the end. Gradients equal those of `episode_loss`
+    summed over the group (tested)."""
+    torch = require("torch", "train")
     bf16 = update_bf16(cfg)
     eps = [it[0] for it in items]
     start = shared_start(eps) if len(eps) > 1 else 0
-    prefix = None
+    kv, leaves = [], None
     if start >= 2:
-        torch = require("torch", "train")
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = _lm(net).get_decoder()(input_ids=torch.tensor([eps[0].input_ids[:start]]), use_cache=True)
-        prefix = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        kv = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        flat = [t.detach().requires_grad_(True) for t in kv]
+        leaves = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
     else:
         start = 0
     res = []
     for ep, adv, slp in items:
-        logp, ent = policy_logprobs(net, ep, bf16, start, prefix)
+        logp, ent = policy_logprobs(net, ep, bf16, start, leaves)
         targets = policy_targets(ep)
         sampler = [slp[t] for t in targets] if slp is not None else None
-        res.append(policy_loss(logp, ent, adv, cfg, sampler, _reference(net, ep, cfg), max_tokens))
+        loss, st = policy_loss(logp, ent, adv, cfg, sampler, _reference(net, ep, cfg), max_tokens)
+        (loss * scale).backward()
+        res.append((loss.detach(), st))
+    if leaves is not None:
+        pairs = [(t, leaf.grad) for t, leaf in zip(kv, [x for pair in leaves for x in pair]) if leaf.grad is not None]
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
     return res
 
 

@@ -15,7 +15,8 @@ from ..rewards import Weights, total_reward
 from ..types import Question
 from .checkpoint import load_checkpoint, save_checkpoint, trim_log
 from .episodes import tokenize_episode
-from .grpo import GRPOConfig, advantages, group_losses, question_order
+from .grpo import GRPOConfig, advantages, group_backward, question_order
+from .merged_gguf import MergedGGUF
 from .policy import adapter_to_gguf, lora_to_gguf, save_adapter
 
 ZERO_VAR_WARN, NO_SEARCH_WARN = 5, 5  # consecutive steps before a collapse warning
@@ -24,9 +25,12 @@ ZERO_VAR_WARN, NO_SEARCH_WARN = 5, 5  # consecutive steps before a collapse warn
 class Engine:
     """Where rollouts are generated: llama.cpp over the base GGUF with the current LoRA, or the live torch model."""
 
-    def __init__(self, kind: str, net, tok, out: Path, base_dir: Path, base_gguf: Path | None, cfg: Config):
+    def __init__(self, kind: str, net, tok, out: Path, base_dir: Path, base_gguf: Path | None, cfg: Config,
+                 weights: str = "merged"):
         self.kind = kind if (kind == "torch" or base_gguf is not None) else "torch"
         self.net, self.tok, self.out, self.base_dir, self.base_gguf, self.cfg = net, tok, out, base_dir, base_gguf, cfg
+        self.weights = weights  # llama.cpp: "merged" (LoRA folded into a Q8_0 GGUF) or "adapter" (GGUF LoRA)
+        self.merged = None
         self.gen = None
         self.version = -1
         self.records = False  # llama.cpp rollouts record the sampler's log-probs (importance weights)
@@ -40,6 +44,18 @@ class Engine:
         else:
             from ..backends.llamacpp import LlamaCppGenerator
 
+            self.gen = None  # the old engine lets go of the file before it is rewritten
+            if self.weights == "merged":
+                try:
+                    if self.merged is None:
+                        self.merged = MergedGGUF(self.base_gguf, self.base_dir, self.out / "rollout-policy.gguf")
+                    path = self.merged.write(self.net)
+                    self.gen = LlamaCppGenerator(path, n_ctx=self.cfg.model.n_ctx, threads=self.cfg.model.threads)
+                    self.gen.record_logprobs = self.records
+                    self.version = step
+                    return
+                except ValueError:  # an architecture the merger does not know: fall back to the adapter
+                    self.weights = "adapter"
             target = self.out / "rollout-adapter.gguf"
             try:  # the live LoRA written straight to GGUF (milliseconds); the converter for other architectures
                 gguf = lora_to_gguf(self.net, self.base_dir, target)
@@ -109,7 +125,7 @@ def run_grpo(net, tok, questions: Sequence[Question], index, cfg: Config, g: GRP
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=g.lr, weight_decay=0.0)
     state = load_checkpoint(out / "grpo-checkpoint", net, opt) or {"step": 0, "zero_var": 0, "no_search": 0}
-    engine = Engine(g.engine, net, tok, out, base_dir, base_gguf, cfg)
+    engine = Engine(g.engine, net, tok, out, base_dir, base_gguf, cfg, g.rollout_weights)
     engine.records = engine.kind == "llamacpp" and g.importance_cap > 0
     rcfg = replace(cfg, loop=replace(cfg.loop, temperature=g.temperature))
     perceptions: dict = {}
@@ -158,8 +174,7 @@ def run_grpo(net, tok, questions: Sequence[Question], index, cfg: Config, g: GRP
                 te = tokenize_episode(tok, ep.prompt, ep.segments)
                 slp = sampler_positions(tok, ep.prompt, ep.segments, turns, len(te.input_ids)) if turns else None
                 items.append((te, a, slp))
-            results = group_losses(net, items, g)  # the group's shared prompt is forwarded (and backwarded) once
-            sum(loss for loss, _ in results).div(n_train).backward()
+            results = group_backward(net, items, g, 1.0 / n_train)  # the shared prompt is run (and backpropagated) once
             for loss, st in results:
                 loss_sum += float(loss.detach()) / n_train
                 stats.append(st)
