@@ -374,8 +374,12 @@ def train_cmd(
     loss: str = typer.Option("dr_grpo", "--loss", help="grpo | dr_grpo | reinforce."),
     kl: float = typer.Option(0.0, "--kl", help="KL coefficient to the base policy (0 = off)."),
     temperature: float = typer.Option(1.0, "--temperature", help="Rollout sampling temperature."),
-    engine: str = typer.Option("llamacpp", "--engine", help="Rollout engine: llamacpp (LoRA as a GGUF adapter over "
-                                                            "the base GGUF) or torch (the live model)."),
+    engine: str = typer.Option("llamacpp", "--engine", help="Rollout engine: llamacpp (the current policy as a "
+                                                            "GGUF, refreshed each step) or torch (the live model)."),
+    rollout_weights: str = typer.Option("merged", "--rollout-weights", help="llamacpp engine: merged (LoRA folded "
+                                        "into a Q8_0 copy of the base, fastest) or adapter (GGUF LoRA over the base)."),
+    update_dtype: str = typer.Option("auto", "--update-dtype", help="Update precision: auto (bf16 autocast where the "
+                                     "CPU has native bf16), bf16 or fp32."),
     grpo_lr: float = typer.Option(5e-5, "--grpo-lr", help="GRPO learning rate."),
     sft_examples: int = typer.Option(240, "--sft-examples", help="Gold trajectories for the warm start."),
     sft_epochs: int = typer.Option(1, "--sft-epochs", help="Passes over the gold trajectories."),
@@ -387,6 +391,7 @@ def train_cmd(
     [bold]Examples[/bold]:
       mmhops-lite train --lora                                  # demo train split, default policy
       mmhops-lite train q/train.jsonl --index idx/ --lora --sft -o runs/mine
+      accelerate launch --multi_gpu --num_processes 2 cli.py train --lora -o runs/dp   # data parallel (CPU)
     """
     from mmhops_lite.train.grpo import GRPOConfig
     from mmhops_lite.train.policy import LoraSpec
@@ -425,8 +430,11 @@ def train_cmd(
                    lora=LoraSpec(rank, alpha, 0.0, targets),
                    sft=SFTConfig(epochs=sft_epochs, lr=lr, max_examples=sft_examples, seed=seed) if sft else None,
                    grpo=GRPOConfig(steps=steps, questions_per_step=per_step, group_size=group_size, lr=grpo_lr,
-                                   loss=loss, kl=kl, temperature=temperature, engine=engine, seed=seed),
+                                   loss=loss, kl=kl, temperature=temperature, engine=engine, seed=seed,
+                                   rollout_weights=rollout_weights, update_dtype=update_dtype),
                    on_event=on_event)
+    if res.get("rank", 0):  # data parallel: the first process reports
+        return
     console.print(f"[green]adapter[/green] {res['adapter']}  gguf: {res.get('adapter_gguf')}  "
                   f"({res.get('sft_examples')} gold episodes, {res.get('sft_steps')} steps, {res['seconds']}s)")
     console.print(f"use it: mmhops-lite ask IMAGE \"QUESTION\" --adapter {res['out']}")

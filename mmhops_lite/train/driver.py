@@ -4,13 +4,15 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
 from ..config import Config
 from ..data.questions import load_questions
 from ..errors import InputError
+from ..paths import free_cores
+from .distributed import Dist
 from .episodes import TokenizedEpisode
 from .policy import LoraSpec, adapter_to_gguf, load_for_training, save_adapter
 from .grpo import GRPOConfig
@@ -34,9 +36,19 @@ def train(questions_file: str | Path, index, cfg: Config, out: str | Path, *, mo
           lora: LoraSpec = LoraSpec(), sft: SFTConfig | None = SFTConfig(), grpo: GRPOConfig | None = GRPOConfig(),
           gguf_adapter: bool = True, on_event: Callable[[str, dict], None] | None = None) -> dict:
     """Train a LoRA adapter on a question file over an open index; resumable from `out`."""
+    if grpo is not None:
+        for name, value, allowed in (("--engine", grpo.engine, ("llamacpp", "torch")),
+                                     ("--rollout-weights", grpo.rollout_weights, ("merged", "adapter")),
+                                     ("--update-dtype", grpo.update_dtype, ("auto", "bf16", "fp32")),
+                                     ("--loss", grpo.loss, ("grpo", "dr_grpo", "reinforce"))):
+            if value not in allowed:
+                raise InputError(f"{name} {value!r} is not an option", fix=f"use one of: {', '.join(allowed)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    emit = on_event or (lambda kind, payload: None)
+    dist = Dist()  # one process unless started by `accelerate launch` / `torchrun`
+    emit = (on_event if dist.main else None) or (lambda kind, payload: None)
+    if dist.world > 1 and cfg.model.threads == 0:  # the processes share this machine's free cores
+        cfg = replace(cfg, model=replace(cfg.model, threads=dist.threads(free_cores())))
     t0 = time.perf_counter()
     model = model or cfg.model.policy
     questions = load_questions(questions_file)
@@ -48,27 +60,33 @@ def train(questions_file: str | Path, index, cfg: Config, out: str | Path, *, mo
     result = {"out": str(out), "meta": meta}
     if sft is not None:
         data_path = out / "sft-data.jsonl"
-        if data_path.is_file():  # resume: the same examples, never rebuilt differently
-            data = _load_data(data_path)
-        else:
+        if not data_path.is_file() and dist.main:  # built once; a resumed run reuses exactly these examples
             emit("phase", {"name": "gold trajectories", "total": sft.max_examples})
             data = build_gold_set(questions, tok, index, cfg, sft.max_examples, sft.seed,
                                   progress=lambda n, total: emit("gold", {"n": n, "total": total}))
             _save_data(data_path, data)
+        dist.barrier()
+        data = _load_data(data_path)
         emit("phase", {"name": "sft", "examples": len(data)})
-        state = run_sft(net, data, out, sft, meta, on_step=lambda rec: emit("step", rec))
+        state = run_sft(net, data, out, sft, meta, on_step=lambda rec: emit("step", rec), dist=dist)
         result["sft_steps"] = state["step"]
         result["sft_examples"] = len(data)
     if grpo is not None and grpo.steps > 0:
         emit("phase", {"name": "grpo", "steps": grpo.steps})
         state = run_grpo(net, tok, questions, index, cfg, grpo, out, base_dir, base_gguf, meta,
-                         on_step=lambda rec: emit("step", rec), on_warning=lambda msg: emit("warning", {"text": msg}))
+                         on_step=lambda rec: emit("step", rec), on_warning=lambda msg: emit("warning", {"text": msg}),
+                         dist=dist)
         result["grpo_steps"] = state["step"]
-        png = plot_curves(out)
+        png = plot_curves(out) if dist.main else None
         result["curves"] = str(png) if png else None
     if sft is None and (grpo is None or grpo.steps == 0):
         raise InputError("nothing to train", fix="pass --sft and/or --steps N")
     meta["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    if dist.world > 1:
+        meta["processes"] = dist.world
+    if not dist.main:  # the first process writes the adapter
+        result.update(adapter=str(out / "adapter"), seconds=meta["wall_seconds"], rank=dist.rank)
+        return result
     adapter = save_adapter(net, out / "adapter", meta)
     result["adapter"] = str(adapter)
     if gguf_adapter:

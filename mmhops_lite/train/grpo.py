@@ -86,6 +86,8 @@ def native_bf16() -> bool:
 
 
 def update_bf16(cfg: GRPOConfig) -> bool:
+    if cfg.update_dtype not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"update dtype {cfg.update_dtype!r}: use auto, bf16 or fp32")
     return cfg.update_dtype == "bf16" or (cfg.update_dtype == "auto" and native_bf16())
 
 

@@ -14,6 +14,7 @@ from ..loop import answer, perceive
 from ..rewards import Weights, total_reward
 from ..types import Question
 from .checkpoint import load_checkpoint, save_checkpoint, trim_log
+from .distributed import Dist
 from .episodes import tokenize_episode
 from .grpo import GRPOConfig, advantages, group_backward, question_order
 from .merged_gguf import MergedGGUF
@@ -26,7 +27,8 @@ class Engine:
     """Where rollouts are generated: llama.cpp over the base GGUF with the current LoRA, or the live torch model."""
 
     def __init__(self, kind: str, net, tok, out: Path, base_dir: Path, base_gguf: Path | None, cfg: Config,
-                 weights: str = "merged"):
+                 weights: str = "merged", tag: str = ""):
+        self.tag = tag  # per-process file names under data parallelism
         self.kind = kind if (kind == "torch" or base_gguf is not None) else "torch"
         self.net, self.tok, self.out, self.base_dir, self.base_gguf, self.cfg = net, tok, out, base_dir, base_gguf, cfg
         self.weights = weights  # llama.cpp: "merged" (LoRA folded into a Q8_0 GGUF) or "adapter" (GGUF LoRA)
@@ -48,7 +50,7 @@ class Engine:
             if self.weights == "merged":
                 try:
                     if self.merged is None:
-                        self.merged = MergedGGUF(self.base_gguf, self.base_dir, self.out / "rollout-policy.gguf")
+                        self.merged = MergedGGUF(self.base_gguf, self.base_dir, self.out / f"rollout-policy{self.tag}.gguf")
                     path = self.merged.write(self.net)
                     self.gen = LlamaCppGenerator(path, n_ctx=self.cfg.model.n_ctx, threads=self.cfg.model.threads)
                     self.gen.record_logprobs = self.records
@@ -56,11 +58,11 @@ class Engine:
                     return
                 except ValueError:  # an architecture the merger does not know: fall back to the adapter
                     self.weights = "adapter"
-            target = self.out / "rollout-adapter.gguf"
+            target = self.out / f"rollout-adapter{self.tag}.gguf"
             try:  # the live LoRA written straight to GGUF (milliseconds); the converter for other architectures
                 gguf = lora_to_gguf(self.net, self.base_dir, target)
             except ValueError:
-                folder = save_adapter(self.net, self.out / "rollout-adapter", {"step": step})
+                folder = save_adapter(self.net, self.out / f"rollout-adapter{self.tag}", {"step": step})
                 gguf = adapter_to_gguf(folder, self.base_dir, target)
             self.gen = LlamaCppGenerator(self.base_gguf, n_ctx=self.cfg.model.n_ctx, threads=self.cfg.model.threads,
                                          lora_path=gguf)
@@ -117,22 +119,37 @@ def sampler_positions(tokenizer, prompt: str, segments, turns: list[list[float]]
     return (out + [None] * length)[:length]
 
 
+def _summary(tr, reward: dict) -> dict:
+    """What the step log needs of one rollout (small, so processes can exchange it)."""
+    return {**{k: reward[k] for k in ("total", "outcome", "format", "action", "correct")},
+            "searches": sum(h.action in ("image_search", "text_search") for h in tr.hops), "turns": len(tr.hops),
+            "generated": tr.tokens["generated"]}
+
+
 def run_grpo(net, tok, questions: Sequence[Question], index, cfg: Config, g: GRPOConfig, out: Path,
              base_dir: Path, base_gguf: Path | None, meta: dict, weights: Weights = Weights(),
-             on_step: Callable[[dict], None] | None = None, on_warning: Callable[[str], None] | None = None) -> dict:
-    """Run GRPO steps until g.steps; resumes from out/grpo-checkpoint exactly where it stopped."""
+             on_step: Callable[[dict], None] | None = None, on_warning: Callable[[str], None] | None = None,
+             dist: Dist | None = None) -> dict:
+    """Run GRPO steps until g.steps; resumes from out/grpo-checkpoint exactly where it stopped.
+
+    Under data parallelism (`dist` with several processes) each process rolls out every world-th question of a
+    step, gradients are summed across processes, and the first process writes the log and checkpoints."""
     torch = require("torch", "train")
+    dist = dist or Dist()
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=g.lr, weight_decay=0.0)
     state = load_checkpoint(out / "grpo-checkpoint", net, opt) or {"step": 0, "zero_var": 0, "no_search": 0}
-    engine = Engine(g.engine, net, tok, out, base_dir, base_gguf, cfg, g.rollout_weights)
+    engine = Engine(g.engine, net, tok, out, base_dir, base_gguf, cfg, g.rollout_weights,
+                    tag=f".rank{dist.rank}" if dist.world > 1 else "")
     engine.records = engine.kind == "llamacpp" and g.importance_cap > 0
     rcfg = replace(cfg, loop=replace(cfg.loop, temperature=g.temperature))
     perceptions: dict = {}
     cache: dict = {}
     log = out / "grpo-log.jsonl"
-    trim_log(log, state["step"])
+    if dist.main:
+        trim_log(log, state["step"])
     warn = on_warning or (lambda msg: None)
+    n_train = g.questions_per_step * g.group_size  # every rollout of the step, over all processes
     while state["step"] < g.steps:
         step = state["step"]
         t_ref = time.perf_counter()
@@ -142,7 +159,7 @@ def run_grpo(net, tok, questions: Sequence[Question], index, cfg: Config, g: GRP
         t0 = time.perf_counter()
         t_ref = t0 - t_ref
         groups = []
-        for qi in question_order(len(questions), step, g.questions_per_step, g.seed):
+        for qi in dist.share(question_order(len(questions), step, g.questions_per_step, g.seed)):
             q = questions[qi]
             if q.id not in perceptions:
                 perceptions[q.id] = perceive(q.images, index.image_encoder, ocr=cfg.encoders.ocr) if q.images else []
@@ -161,7 +178,6 @@ def run_grpo(net, tok, questions: Sequence[Question], index, cfg: Config, g: GRP
         net.train()
         opt.zero_grad(set_to_none=True)
         trained, zero_groups, stats, loss_sum = 0, 0, [], 0.0
-        n_train = sum(1 for _, ro in groups for _ in ro)
         for q, ro in groups:
             adv = advantages([r["total"] for _, _, r, _ in ro], "grpo" if g.loss == "grpo" else "dr_grpo")
             if all(abs(a) < 1e-9 for a in adv):
@@ -176,44 +192,52 @@ def run_grpo(net, tok, questions: Sequence[Question], index, cfg: Config, g: GRP
                 items.append((te, a, slp))
             results = group_backward(net, items, g, 1.0 / n_train)  # the shared prompt is run (and backpropagated) once
             for loss, st in results:
-                loss_sum += float(loss.detach()) / n_train
+                loss_sum += float(loss) / n_train
                 stats.append(st)
                 trained += 1
+        parts = dist.gather({"flat": [_summary(tr, r) for _, ro in groups for tr, _, r, _ in ro], "stats": stats,
+                             "zero": zero_groups, "groups": len(groups), "trained": trained, "loss": loss_sum})
+        trained = sum(x["trained"] for x in parts)
         if trained:
+            dist.sum_grads(params)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
         t_loss = time.perf_counter() - t1
-        flat = [r[:3] for _, ro in groups for r in ro]
-        rec = {"phase": "grpo", "step": step + 1, "of": g.steps, "loss": round(loss_sum, 6),
-               "reward": round(sum(r["total"] for _, _, r in flat) / len(flat), 4),
-               **{f"reward_{k}": round(sum(r[k] for _, _, r in flat) / len(flat), 4) for k in ("outcome", "format", "action")},
-               "accuracy": round(sum(r["correct"] for _, _, r in flat) / len(flat), 4),
-               "searches": round(sum(sum(h.action in ("image_search", "text_search") for h in tr.hops)
-                                     for tr, _, _ in flat) / len(flat), 3),
-               "turns": round(sum(len(tr.hops) for tr, _, _ in flat) / len(flat), 3),
-               "completion_tokens": round(sum(tr.tokens["generated"] for tr, _, _ in flat) / len(flat), 1),
-               "entropy": round(sum(s["entropy"] for s in stats) / len(stats), 4) if stats else None,
-               "kl": round(sum(s["kl"] for s in stats) / len(stats), 5) if stats else None,
-               "importance": round(sum(s["importance"] for s in stats) / len(stats), 4) if stats else None,
-               "importance_capped": round(sum(s["importance_capped"] for s in stats) / len(stats), 5) if stats else None,
+        flat = [f for x in parts for f in x["flat"]]
+        stats = [st for x in parts for st in x["stats"]]
+        zero_groups, n_groups = sum(x["zero"] for x in parts), sum(x["groups"] for x in parts)
+
+        def mean(key, rows, nd):
+            return round(sum(r[key] for r in rows) / len(rows), nd) if rows else None
+
+        rec = {"phase": "grpo", "step": step + 1, "of": g.steps, "loss": round(sum(x["loss"] for x in parts), 6),
+               "reward": mean("total", flat, 4),
+               **{f"reward_{k}": mean(k, flat, 4) for k in ("outcome", "format", "action")},
+               "accuracy": mean("correct", flat, 4), "searches": mean("searches", flat, 3),
+               "turns": mean("turns", flat, 3), "completion_tokens": mean("generated", flat, 1),
+               "entropy": mean("entropy", stats, 4), "kl": mean("kl", stats, 5),
+               "importance": mean("importance", stats, 4), "importance_capped": mean("importance_capped", stats, 5),
                "zero_variance_groups": zero_groups, "trained_rollouts": trained,
                "refresh_s": round(t_ref, 2), "rollout_s": round(t_roll, 2), "update_s": round(t_loss, 2),
-               "seconds": round(t_ref + t_roll + t_loss, 2),
-               "engine": engine.kind}
-        state["zero_var"] = state["zero_var"] + 1 if zero_groups == len(groups) else 0
+               "seconds": round(t_ref + t_roll + t_loss, 2), "engine": engine.kind}
+        if dist.world > 1:
+            rec["processes"] = dist.world
+        state["zero_var"] = state["zero_var"] + 1 if zero_groups == n_groups else 0
         state["no_search"] = state["no_search"] + 1 if rec["searches"] < 0.05 else 0
-        if state["zero_var"] == ZERO_VAR_WARN:
-            warn(f"every group had zero reward variance for {ZERO_VAR_WARN} steps: nothing is being learned "
-                 "(try --sft, a higher temperature, or a larger group)")
-        if state["no_search"] == NO_SEARCH_WARN:
-            warn(f"searches per episode collapsed to ~0 for {NO_SEARCH_WARN} steps: the policy stopped using tools")
         state["step"] = step + 1
-        with open(log, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
-        if on_step:
-            on_step(rec)
-        if state["step"] % g.checkpoint_every == 0 or state["step"] == g.steps:
-            save_checkpoint(out / "grpo-checkpoint", net, opt, state, meta)
+        if dist.main:
+            if state["zero_var"] == ZERO_VAR_WARN:
+                warn(f"every group had zero reward variance for {ZERO_VAR_WARN} steps: nothing is being learned "
+                     "(try --sft, a higher temperature, or a larger group)")
+            if state["no_search"] == NO_SEARCH_WARN:
+                warn(f"searches per episode collapsed to ~0 for {NO_SEARCH_WARN} steps: the policy stopped using tools")
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+            if on_step:
+                on_step(rec)
+            if state["step"] % g.checkpoint_every == 0 or state["step"] == g.steps:
+                save_checkpoint(out / "grpo-checkpoint", net, opt, state, meta)
+        dist.barrier()  # nobody starts the next step (or reads a checkpoint) before it is written
     return state
 
 

@@ -13,6 +13,7 @@ from ..errors import InputError, require
 from ..loop import perceive
 from ..types import Question
 from .checkpoint import load_checkpoint, save_checkpoint, trim_log
+from .distributed import Dist
 from .episodes import TokenizedEpisode, gold_episode, tokenize_episode
 
 
@@ -73,9 +74,11 @@ def masked_loss(net, ep: TokenizedEpisode):
 
 
 def run_sft(net, data: list[TokenizedEpisode], out: Path, scfg: SFTConfig, meta: dict,
-            on_step: Callable[[dict], None] | None = None) -> dict:
-    """Train the LoRA weights on `data`; checkpoints every N steps and resumes exactly from the last one."""
+            on_step: Callable[[dict], None] | None = None, dist: Dist | None = None) -> dict:
+    """Train the LoRA weights on `data`; checkpoints every N steps and resumes exactly from the last one.
+    Under data parallelism each process takes every world-th example of a batch (gradients summed)."""
     torch = require("torch", "train")
+    dist = dist or Dist()
     out.mkdir(parents=True, exist_ok=True)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=scfg.lr, weight_decay=0.0)
@@ -83,7 +86,8 @@ def run_sft(net, data: list[TokenizedEpisode], out: Path, scfg: SFTConfig, meta:
     total = steps_per_epoch * scfg.epochs
     state = load_checkpoint(out / "checkpoint", net, opt) or {"step": 0}
     log = out / "sft-log.jsonl"
-    trim_log(log, state["step"])
+    if dist.main:
+        trim_log(log, state["step"])
     while state["step"] < total:
         step = state["step"]
         epoch, k = divmod(step, steps_per_epoch)
@@ -94,19 +98,23 @@ def run_sft(net, data: list[TokenizedEpisode], out: Path, scfg: SFTConfig, meta:
         net.train()
         opt.zero_grad(set_to_none=True)
         losses = []
-        for ep in batch:
+        for ep in dist.share(batch):
             loss = masked_loss(net, ep) / len(batch)
             loss.backward()
             losses.append(float(loss.detach()) * len(batch))
+        losses = [x for part in dist.gather(losses) for x in part]
+        dist.sum_grads(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         state["step"] = step + 1
         rec = {"phase": "sft", "step": state["step"], "of": total, "epoch": epoch, "loss": round(sum(losses) / len(losses), 5),
                "tokens": sum(e.policy_tokens for e in batch), "seconds": round(time.perf_counter() - t0, 2)}
-        with open(log, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
-        if on_step:
-            on_step(rec)
-        if state["step"] % scfg.checkpoint_every == 0 or state["step"] == total:
-            save_checkpoint(out / "checkpoint", net, opt, state, meta)
+        if dist.main:
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+            if on_step:
+                on_step(rec)
+            if state["step"] % scfg.checkpoint_every == 0 or state["step"] == total:
+                save_checkpoint(out / "checkpoint", net, opt, state, meta)
+        dist.barrier()
     return state
