@@ -4,7 +4,9 @@
 
 Each engine runs the same GRPO steps (2 questions x group 4, default policy, LoRA r=16) from the same starting
 adapter on the demo index; prints seconds per step (adapter refresh / rollouts / update; the median step, so
-use --steps 3 to keep the one-off first refresh out) and generated rollout tokens per rollout-second. The
+use --steps 3 to keep the one-off first refresh out), generated tokens per rollout-second, and two rates that
+do not depend on which rollouts a path happened to sample: prompt + generated tokens per rollout-second, and
+tokens through the model per update-second. The
 llama.cpp engine is timed with each way of carrying the current LoRA (--rollout-weights merged,adapter).
 """
 from __future__ import annotations
@@ -59,13 +61,18 @@ def main() -> None:
                 "update_s": statistics.median(r["update_s"] for r in log),
                 "rollout_tok_s": statistics.median(r["completion_tokens"] * n_roll / max(r["rollout_s"], 1e-9)
                                                    for r in log),
+                # the same work measure for every path: tokens read or generated per rollout-second, and
+                # tokens run through the model (forward + backward) per update-second
+                "rollout_all_tok_s": sum(r["rollout_tokens"] for r in log) / sum(r["rollout_s"] for r in log),
+                "update_tok_s": sum(r["update_tokens"] for r in log) / max(sum(r["update_s"] for r in log), 1e-9),
             }
         finally:
             shutil.rmtree(out, ignore_errors=True)
-    print(f"{'engine':18} {'s/step':>8} {'refresh s':>10} {'rollouts s':>11} {'update s':>9} {'rollout tok/s':>14}")
+    print(f"{'engine':18} {'s/step':>8} {'refresh s':>10} {'rollouts s':>11} {'update s':>9} {'gen tok/s':>10} "
+          f"{'all rollout tok/s':>18} {'update tok/s':>13}")
     for e, r in rows.items():
         print(f"{e:18} {r['step_s']:8.1f} {r['refresh_s']:10.2f} {r['rollout_s']:11.1f} {r['update_s']:9.1f} "
-              f"{r['rollout_tok_s']:14.1f}")
+              f"{r['rollout_tok_s']:10.1f} {r['rollout_all_tok_s']:18.1f} {r['update_tok_s']:13.1f}")
     for e, r in rows.items():
         if e != "torch" and "torch" in rows:
             print(f"{e} / torch: step {rows['torch']['step_s'] / r['step_s']:.2f}x faster, "

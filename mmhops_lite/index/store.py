@@ -41,7 +41,7 @@ class Store:
         self.path = path
         try:
             if readonly:
-                self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+                self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
             else:
                 self.db = sqlite3.connect(path)
                 self.db.execute("PRAGMA journal_mode=WAL")

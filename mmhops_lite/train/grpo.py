@@ -238,6 +238,7 @@ def group_backward(net, items: list, cfg: GRPOConfig, scale: float = 1.0, max_to
         sampler = [slp[t] for t in targets] if slp is not None else None
         loss, st = policy_loss(logp, ent, adv, cfg, sampler, _reference(net, ep, cfg), max_tokens)
         (loss * scale).backward()
+        st["forward_tokens"] = len(ep.input_ids) - start + (start if not res else 0)  # the shared prompt once
         res.append((loss.detach(), st))
     if leaves is not None:
         pairs = [(t, leaf.grad) for t, leaf in zip(kv, [x for pair in leaves for x in pair]) if leaf.grad is not None]
