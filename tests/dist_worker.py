@@ -6,15 +6,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fakes import HashTextEncoder, TinyImageEncoder  # noqa: E402
+from fakes import HashTextEncoder, TinyImageEncoder
 
-from mmhops_lite.config import Config  # noqa: E402
-from mmhops_lite.index import MultimodalIndex  # noqa: E402
-from mmhops_lite.train import rl  # noqa: E402
-from mmhops_lite.train.driver import train  # noqa: E402
-from mmhops_lite.train.grpo import GRPOConfig  # noqa: E402
-from mmhops_lite.train.policy import LoraSpec  # noqa: E402
-from mmhops_lite.train.sft import SFTConfig  # noqa: E402
+from mmhops_lite.config import Config
+from mmhops_lite.index import MultimodalIndex
+from mmhops_lite.train import rl
+from mmhops_lite.train.driver import train
+from mmhops_lite.train.grpo import GRPOConfig
+from mmhops_lite.train.policy import LoraSpec
+from mmhops_lite.train.sft import SFTConfig
 
 
 def main(world: Path, model: Path, out: Path) -> None:

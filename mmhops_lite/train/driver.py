@@ -14,8 +14,8 @@ from ..errors import InputError
 from ..paths import free_cores
 from .distributed import Dist
 from .episodes import TokenizedEpisode
-from .policy import LoraSpec, adapter_to_gguf, load_for_training, save_adapter
 from .grpo import GRPOConfig
+from .policy import LoraSpec, adapter_to_gguf, load_for_training, save_adapter
 from .rl import plot_curves, run_grpo
 from .sft import SFTConfig, build_gold_set, run_sft
 
