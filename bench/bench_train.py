@@ -6,8 +6,8 @@ Each engine runs the same GRPO steps (2 questions x group 4, default policy, LoR
 adapter on the demo index; prints seconds per step (adapter refresh / rollouts / update; the median step, so
 use --steps 3 to keep the one-off first refresh out), generated tokens per rollout-second, and two rates that
 do not depend on which rollouts a path happened to sample: prompt + generated tokens per rollout-second, and
-tokens through the model per update-second. The
-llama.cpp engine is timed with each way of carrying the current LoRA (--rollout-weights merged,adapter).
+tokens through the model per update-second. The llama.cpp engine is timed with each way of carrying the
+current LoRA (--rollout-weights merged,adapter).
 """
 from __future__ import annotations
 

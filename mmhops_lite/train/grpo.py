@@ -172,21 +172,26 @@ def policy_loss(logp, ent, adv: float, cfg: GRPOConfig, sampler=None, ref=None, 
     return loss, stats
 
 
-def _reference(net, ep: TokenizedEpisode, cfg: GRPOConfig):
-    if cfg.kl <= 0:
-        return None
+def _rollout_loss(net, ep: TokenizedEpisode, adv: float, cfg: GRPOConfig, sampler_logprobs: list | None,
+                  max_tokens: int, start: int = 0, prefix=None):
+    """policy_loss of one rollout; `sampler_logprobs` is per position of `ep.input_ids`, the KL reference is the
+    base (adapter off) when cfg.kl > 0."""
     torch = require("torch", "train")
-    with torch.no_grad(), net.disable_adapter():
-        return policy_logprobs(net, ep, update_bf16(cfg))[0]
+    bf16 = update_bf16(cfg)
+    logp, ent = policy_logprobs(net, ep, bf16, start, prefix)
+    targets = policy_targets(ep)
+    sampler = [sampler_logprobs[t] for t in targets] if sampler_logprobs is not None else None
+    ref = None
+    if cfg.kl > 0:
+        with torch.no_grad(), net.disable_adapter():
+            ref = policy_logprobs(net, ep, bf16)[0]
+    return policy_loss(logp, ent, adv, cfg, sampler, ref, max_tokens)
 
 
 def episode_loss(net, ep: TokenizedEpisode, adv: float, cfg: GRPOConfig, sampler_logprobs: list | None = None,
                  max_tokens: int = 1024):
     """Loss and stats of one rollout on its own. `sampler_logprobs`: one per position of `ep.input_ids`."""
-    logp, ent = policy_logprobs(net, ep, update_bf16(cfg))
-    targets = policy_targets(ep)
-    sampler = [sampler_logprobs[t] for t in targets] if sampler_logprobs is not None else None
-    return policy_loss(logp, ent, adv, cfg, sampler, _reference(net, ep, cfg), max_tokens)
+    return _rollout_loss(net, ep, adv, cfg, sampler_logprobs, max_tokens)
 
 
 def shared_start(eps: list[TokenizedEpisode]) -> int:
@@ -233,10 +238,7 @@ def group_backward(net, items: list, cfg: GRPOConfig, scale: float = 1.0, max_to
         start = 0
     res = []
     for ep, adv, slp in items:
-        logp, ent = policy_logprobs(net, ep, bf16, start, leaves)
-        targets = policy_targets(ep)
-        sampler = [slp[t] for t in targets] if slp is not None else None
-        loss, st = policy_loss(logp, ent, adv, cfg, sampler, _reference(net, ep, cfg), max_tokens)
+        loss, st = _rollout_loss(net, ep, adv, cfg, slp, max_tokens, start, leaves)
         (loss * scale).backward()
         st["forward_tokens"] = len(ep.input_ids) - start + (start if not res else 0)  # the shared prompt once
         res.append((loss.detach(), st))

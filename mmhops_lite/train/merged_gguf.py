@@ -9,36 +9,25 @@ only the merged matrices' bytes (the layout cannot change), in about a second.
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 from pathlib import Path
 
 from ..errors import require
-from .policy import _GGUF_NAMES
-
-_MODULE = re.compile(r"(?:.*\.)?layers\.(\d+)\.(\w+\.\w+)$")
+from .policy import GGUFLayout
 
 
-def lora_deltas(net, arch: str, n_head: int, n_kv: int) -> dict:
+def lora_deltas(net, layout: GGUFLayout) -> dict:
     """{GGUF tensor name: scaling * B @ A as float32 [out, in]} in llama.cpp's row order."""
     torch = require("torch", "train")
     out = {}
-    for name, mod in net.named_modules():
+    for module, mod in net.named_modules():
         if not (hasattr(mod, "lora_A") and hasattr(mod, "lora_B") and "default" in getattr(mod, "lora_A", {})):
             continue
-        m = _MODULE.match(name)
-        if not m or m.group(2) not in _GGUF_NAMES:
-            raise ValueError(f"no GGUF name for LoRA module {name}")
-        layer, proj = m.groups()
+        name, proj = layout.tensor(module)
         with torch.no_grad():
             a = mod.lora_A["default"].weight.float()
             b = mod.lora_B["default"].weight.float()
-            d = (b @ a * float(mod.scaling["default"])).numpy()
-        if arch == "llama" and proj in ("self_attn.q_proj", "self_attn.k_proj"):
-            heads = n_head if proj == "self_attn.q_proj" else n_kv
-            d = d.reshape(heads, 2, d.shape[0] // heads // 2, d.shape[1]).swapaxes(1, 2).reshape(d.shape)
-        out[f"blk.{layer}.{_GGUF_NAMES[proj]}.weight"] = d
+            out[name] = layout.rows((b @ a * float(mod.scaling["default"])).cpu().numpy(), proj)
     return out
 
 
@@ -47,12 +36,7 @@ class MergedGGUF:
 
     def __init__(self, base_gguf: Path, base_dir: Path, path: Path):
         self.base_gguf, self.path = Path(base_gguf), Path(path)
-        cfg = json.loads((Path(base_dir) / "config.json").read_text())
-        self.arch = cfg.get("model_type")
-        if self.arch not in ("llama", "qwen2"):
-            raise ValueError(f"merged rollout weights support llama and qwen2 bases, not {self.arch}")
-        self.n_head = cfg["num_attention_heads"]
-        self.n_kv = cfg.get("num_key_value_heads") or self.n_head
+        self.layout = GGUFLayout(base_dir)  # ValueError for architectures other than llama / qwen2
         self.base: dict = {}  # dequantized base matrices the LoRA touches (float32), read once
         self.offsets: dict = {}  # their byte offsets in the written file, once laid out
 
@@ -61,7 +45,7 @@ class MergedGGUF:
         gguf = require("gguf", "all")
         import numpy as np
 
-        deltas = lora_deltas(net, self.arch, self.n_head, self.n_kv)
+        deltas = lora_deltas(net, self.layout)
         q8 = gguf.GGMLQuantizationType.Q8_0
         if not self.base:
             reader = gguf.GGUFReader(str(self.base_gguf))
@@ -87,7 +71,7 @@ class MergedGGUF:
         gguf = require("gguf", "all")
         q8 = gguf.GGMLQuantizationType.Q8_0
         tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
-        w = gguf.GGUFWriter(str(tmp), self.arch)
+        w = gguf.GGUFWriter(str(tmp), self.layout.arch)
         for key, field in reader.fields.items():
             if key.startswith("GGUF.") or key == "general.architecture":
                 continue

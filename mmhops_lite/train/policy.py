@@ -87,44 +87,64 @@ def adapter_to_gguf(adapter: Path, base: Path, out: Path) -> Path:
 _GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
                "mlp.down_proj": "ffn_down"}
-_LORA_KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.(\w+\.\w+)\.lora_([AB])\.(?:\w+\.)?weight$")
+_LAYER_PROJ = re.compile(r"(?:.*\.)?layers\.(\d+)\.(\w+\.\w+)$")
+_LORA_KEY = re.compile(r"(.*)\.lora_([AB])\.(?:\w+\.)?weight$")
+
+
+class GGUFLayout:
+    """How a Llama/Qwen2 base's projections are named and laid out in its GGUF (read from the HF config)."""
+
+    def __init__(self, base_dir: Path):
+        cfg = json.loads((Path(base_dir) / "config.json").read_text())
+        self.arch = cfg.get("model_type")
+        if self.arch not in ("llama", "qwen2"):
+            raise ValueError(f"in-process GGUF writing supports llama and qwen2 bases, not {self.arch}")
+        self.n_head = cfg["num_attention_heads"]
+        self.n_kv = cfg.get("num_key_value_heads") or self.n_head
+
+    def tensor(self, module: str) -> tuple[str, str]:
+        """(GGUF weight name, projection) of a HF module path such as `...layers.3.self_attn.q_proj`."""
+        m = _LAYER_PROJ.match(module)
+        if not m or m.group(2) not in _GGUF_NAMES:
+            raise ValueError(f"no GGUF name for LoRA module {module}: use adapter_to_gguf")
+        return f"blk.{m.group(1)}.{_GGUF_NAMES[m.group(2)]}.weight", m.group(2)
+
+    def rows(self, w, proj: str):
+        """`w` [out, ...] in llama.cpp's row order: for Llama, the q/k rows of each head become interleaved pairs
+        of its two rotary halves, as the converter stored the base."""
+        if self.arch != "llama" or proj not in ("self_attn.q_proj", "self_attn.k_proj"):
+            return w
+        heads = self.n_head if proj == "self_attn.q_proj" else self.n_kv
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
 
 
 def lora_to_gguf(net, base: Path, out: Path) -> Path:
     """Write the live LoRA weights of `net` as a GGUF adapter, in-process and in well under a second.
 
     The same tensors as llama.cpp's converter (checked against it in the tests) for Llama and Qwen2 bases:
-    lora_a / lora_b per projection as float32, and for Llama the rotary row order of llama.cpp applied to the
-    q/k B matrices, as the base GGUF has it. Other architectures (or DoRA, biases, embeddings) go through
-    `adapter_to_gguf`. The rollout engine refreshes its adapter this way at every GRPO step."""
+    lora_a / lora_b per projection as float32, the B matrices of q/k in llama.cpp's row order. Other
+    architectures (or DoRA, biases, embeddings) go through `adapter_to_gguf`. The rollout engine's `adapter`
+    path refreshes its adapter this way at every GRPO step."""
     gguf = require("gguf", "all")
     torch = require("torch", "train")
-    cfg = json.loads((Path(base) / "config.json").read_text())
-    arch = cfg.get("model_type")
-    if arch not in ("llama", "qwen2"):
-        raise ValueError(f"in-process GGUF LoRA writing supports llama and qwen2 bases, not {arch}")
-    peft_cfg = net.peft_config["default"]
-    n_head, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    layout = GGUFLayout(base)
     tensors = {}
     for key, value in net.state_dict().items():
         if "lora_" not in key:
             continue
         m = _LORA_KEY.match(key)
-        if not m or m.group(2) not in _GGUF_NAMES:
-            raise ValueError(f"no GGUF name for LoRA tensor {key}: use adapter_to_gguf")
-        layer, proj, ab = m.groups()
+        if not m:
+            raise ValueError(f"unexpected LoRA tensor {key}: use adapter_to_gguf")
+        module, ab = m.groups()
+        name, proj = layout.tensor(module)
         w = value.detach().to(torch.float32).cpu().numpy()
-        if arch == "llama" and ab == "B" and proj in ("self_attn.q_proj", "self_attn.k_proj"):
-            heads = n_head if proj == "self_attn.q_proj" else n_kv
-            # llama.cpp stores q/k rows of each head as (half 0, half 1) interleaved pairs
-            w = w.reshape(heads, 2, w.shape[0] // heads // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
-        tensors[f"blk.{layer}.{_GGUF_NAMES[proj]}.weight.lora_{ab.lower()}"] = w
+        tensors[f"{name}.lora_{ab.lower()}"] = layout.rows(w, proj) if ab == "B" else w
     out = Path(out)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    writer = gguf.GGUFWriter(str(tmp), arch)
+    writer = gguf.GGUFWriter(str(tmp), layout.arch)
     writer.add_type("adapter")
     writer.add_string("adapter.type", "lora")
-    writer.add_float32("adapter.lora.alpha", float(peft_cfg.lora_alpha))
+    writer.add_float32("adapter.lora.alpha", float(net.peft_config["default"].lora_alpha))
     for name in sorted(tensors):
         writer.add_tensor(name, tensors[name])
     writer.write_header_to_file()
@@ -146,4 +166,5 @@ def check_adapter(path: Path) -> Path:
                         fix="pass the folder written by `mmhops-lite train`, or its adapter.gguf")
 
 
-__all__ = ["LoraSpec", "load_for_training", "save_adapter", "adapter_to_gguf", "lora_to_gguf", "base_folder", "check_adapter", "asdict"]
+__all__ = ["LoraSpec", "load_for_training", "save_adapter", "adapter_to_gguf", "lora_to_gguf", "GGUFLayout", "base_folder",
+           "check_adapter", "asdict"]

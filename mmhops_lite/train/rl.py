@@ -38,7 +38,7 @@ class Engine:
         self.records = False  # llama.cpp rollouts record the sampler's log-probs (importance weights)
 
     def refresh(self, step: int) -> None:
-        """Point the engine at the current weights (the llama.cpp engine reloads a freshly converted adapter)."""
+        """Point the engine at the current weights (the llama.cpp engine reloads a freshly written GGUF)."""
         if self.kind == "torch":
             from ..backends.torch_backend import TorchGenerator
 
@@ -47,27 +47,35 @@ class Engine:
             from ..backends.llamacpp import LlamaCppGenerator
 
             self.gen = None  # the old engine lets go of the file before it is rewritten
-            if self.weights == "merged":
-                try:
-                    if self.merged is None:
-                        self.merged = MergedGGUF(self.base_gguf, self.base_dir, self.out / f"rollout-policy{self.tag}.gguf")
-                    path = self.merged.write(self.net)
-                    self.gen = LlamaCppGenerator(path, n_ctx=self.cfg.model.n_ctx, threads=self.cfg.model.threads)
-                    self.gen.record_logprobs = self.records
-                    self.version = step
-                    return
-                except ValueError:  # an architecture the merger does not know: fall back to the adapter
-                    self.weights = "adapter"
-            target = self.out / f"rollout-adapter{self.tag}.gguf"
-            try:  # the live LoRA written straight to GGUF (milliseconds); the converter for other architectures
-                gguf = lora_to_gguf(self.net, self.base_dir, target)
-            except ValueError:
-                folder = save_adapter(self.net, self.out / f"rollout-adapter{self.tag}", {"step": step})
-                gguf = adapter_to_gguf(folder, self.base_dir, target)
-            self.gen = LlamaCppGenerator(self.base_gguf, n_ctx=self.cfg.model.n_ctx, threads=self.cfg.model.threads,
-                                         lora_path=gguf)
+            model = self._merged() if self.weights == "merged" else None
+            lora = None
+            if model is None:
+                model, lora = self.base_gguf, self._adapter(step)
+            self.gen = LlamaCppGenerator(model, n_ctx=self.cfg.model.n_ctx, threads=self.cfg.model.threads,
+                                         lora_path=lora)
             self.gen.record_logprobs = self.records
         self.version = step
+
+    def _merged(self) -> Path | None:
+        """The current policy folded into a Q8_0 GGUF, or None (and the adapter from now on) for a base the
+        merger does not know."""
+        try:
+            if self.merged is None:
+                self.merged = MergedGGUF(self.base_gguf, self.base_dir, self.out / f"rollout-policy{self.tag}.gguf")
+            return self.merged.write(self.net)
+        except ValueError:
+            self.weights = "adapter"
+            return None
+
+    def _adapter(self, step: int) -> Path:
+        """The current LoRA as a GGUF adapter: written in-process (milliseconds), or by llama.cpp's converter for
+        other architectures."""
+        target = self.out / f"rollout-adapter{self.tag}.gguf"
+        try:
+            return lora_to_gguf(self.net, self.base_dir, target)
+        except ValueError:
+            folder = save_adapter(self.net, self.out / f"rollout-adapter{self.tag}", {"step": step})
+            return adapter_to_gguf(folder, self.base_dir, target)
 
 
 class SamplerRecorder:
