@@ -378,9 +378,14 @@ def train_cmd(
                                                             "GGUF, refreshed each step) or torch (the live model)."),
     rollout_weights: str = typer.Option("merged", "--rollout-weights", help="llamacpp engine: merged (LoRA folded "
                                         "into a Q8_0 copy of the base, fastest) or adapter (GGUF LoRA over the base)."),
+    rollouts: str = typer.Option("batched", "--rollouts", help="batched (a step's rollouts decoded side by side, "
+                                 "shared prompts read once) or sequential (one rollout after another)."),
     update_dtype: str = typer.Option("auto", "--update-dtype", help="Update precision: auto (bf16 autocast where the "
                                      "CPU has native bf16), bf16 or fp32."),
     grpo_lr: float = typer.Option(5e-5, "--grpo-lr", help="GRPO learning rate."),
+    reward: str = typer.Option("", "--reward", help="Reward weights as name=value pairs (defaults: outcome=1,format=0.2,"
+                               "action=0.3,f1=0,coverage=0; f1=1 gives wrong string answers token-F1 credit, "
+                               "coverage=1 pays the action part per gold entity/passage found)."),
     sft_examples: int = typer.Option(240, "--sft-examples", help="Gold trajectories for the warm start."),
     sft_epochs: int = typer.Option(1, "--sft-epochs", help="Passes over the gold trajectories."),
     lr: float = typer.Option(2e-4, "--lr", help="Learning rate."),
@@ -393,6 +398,7 @@ def train_cmd(
       mmhops-lite train q/train.jsonl --index idx/ --lora --sft -o runs/mine
       accelerate launch --multi_gpu --num_processes 2 cli.py train --lora -o runs/dp   # data parallel (CPU)
     """
+    from mmhops_lite.rewards import Weights
     from mmhops_lite.train.grpo import GRPOConfig
     from mmhops_lite.train.policy import LoraSpec
     from mmhops_lite.train.sft import SFTConfig
@@ -401,6 +407,7 @@ def train_cmd(
         err.print("[bold red]\\[error][/bold red] only LoRA training is offered (use --lora)")
         raise typer.Exit(1)
     cfg = _run(_cfg, **{"model.policy": model})
+    weights = _run(Weights.parse, reward)
     if questions is None:
         questions = api.demo_paths()[0].parent / "questions" / "train.jsonl"
         if not questions.is_file():
@@ -431,8 +438,8 @@ def train_cmd(
                    sft=SFTConfig(epochs=sft_epochs, lr=lr, max_examples=sft_examples, seed=seed) if sft else None,
                    grpo=GRPOConfig(steps=steps, questions_per_step=per_step, group_size=group_size, lr=grpo_lr,
                                    loss=loss, kl=kl, temperature=temperature, engine=engine, seed=seed,
-                                   rollout_weights=rollout_weights, update_dtype=update_dtype),
-                   on_event=on_event)
+                                   rollout_weights=rollout_weights, update_dtype=update_dtype, rollouts=rollouts),
+                   weights=weights, on_event=on_event)
     if res.get("rank", 0):  # data parallel: the first process reports
         return
     console.print(f"[green]adapter[/green] {res['adapter']}  gguf: {res.get('adapter_gguf')}  "

@@ -7,7 +7,9 @@ adapter on the demo index; prints seconds per step (adapter refresh / rollouts /
 use --steps 3 to keep the one-off first refresh out), generated tokens per rollout-second, and two rates that
 do not depend on which rollouts a path happened to sample: prompt + generated tokens per rollout-second, and
 tokens through the model per update-second. The llama.cpp engine is timed with each way of carrying the
-current LoRA (--rollout-weights merged,adapter).
+current LoRA (--rollout-weights merged,adapter), and every engine with the step's rollouts decoded side by side
+or one after another (--rollouts batched,sequential). "all rollout tok/s" counts the tokens an engine ran: a
+prompt prefix a batched engine copied from another sequence's cache is not counted.
 """
 from __future__ import annotations
 
@@ -35,12 +37,14 @@ def main() -> None:
     ap.add_argument("--engines", default="llamacpp,torch", help="comma list of rollout engines to time")
     ap.add_argument("--update-dtype", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--rollout-weights", default="merged", help="comma list: merged,adapter (llama.cpp engine)")
+    ap.add_argument("--rollouts", default="batched,sequential", help="comma list: batched,sequential")
     a = ap.parse_args()
     cfg = Config.resolve()
     rows = {}
-    runs = [(e, w) for e in a.engines.split(",") for w in (a.rollout_weights.split(",") if e == "llamacpp" else [""])]
-    for engine, weights in runs:
-        label = f"{engine}-{weights}" if weights else engine
+    runs = [(e, w, r) for e in a.engines.split(",")
+            for w in (a.rollout_weights.split(",") if e == "llamacpp" else [""]) for r in a.rollouts.split(",")]
+    for engine, weights, rollouts in runs:
+        label = "-".join(x for x in (engine, weights, rollouts) if x)
         out = Path(tempfile.mkdtemp(prefix=f"bench-train-{engine}-"))
         try:
             if a.adapter:  # start both engines from the same weights: copy the run's checkpoint as a GRPO one
@@ -51,7 +55,8 @@ def main() -> None:
                 (out / "grpo-checkpoint" / "optimizer.safetensors").unlink(missing_ok=True)
             api.train_policy(a.questions, cfg, out, lora=LoraSpec(), sft=None,
                              grpo=GRPOConfig(steps=a.steps, engine=engine, checkpoint_every=10**6,
-                                             update_dtype=a.update_dtype, rollout_weights=weights or "merged"))
+                                             update_dtype=a.update_dtype, rollout_weights=weights or "merged",
+                                             rollouts=rollouts))
             log = [json.loads(x) for x in (out / "grpo-log.jsonl").read_text().splitlines()]
             n_roll = 2 * 4
             rows[label] = {
@@ -68,15 +73,16 @@ def main() -> None:
             }
         finally:
             shutil.rmtree(out, ignore_errors=True)
-    print(f"{'engine':18} {'s/step':>8} {'refresh s':>10} {'rollouts s':>11} {'update s':>9} {'gen tok/s':>10} "
+    print(f"{'engine':26} {'s/step':>8} {'refresh s':>10} {'rollouts s':>11} {'update s':>9} {'gen tok/s':>10} "
           f"{'all rollout tok/s':>18} {'update tok/s':>13}")
     for e, r in rows.items():
-        print(f"{e:18} {r['step_s']:8.1f} {r['refresh_s']:10.2f} {r['rollout_s']:11.1f} {r['update_s']:9.1f} "
+        print(f"{e:26} {r['step_s']:8.1f} {r['refresh_s']:10.2f} {r['rollout_s']:11.1f} {r['update_s']:9.1f} "
               f"{r['rollout_tok_s']:10.1f} {r['rollout_all_tok_s']:18.1f} {r['update_tok_s']:13.1f}")
+    base = max(rows, key=lambda e: rows[e]["step_s"]) if rows else None  # the slowest path
     for e, r in rows.items():
-        if e != "torch" and "torch" in rows:
-            print(f"{e} / torch: step {rows['torch']['step_s'] / r['step_s']:.2f}x faster, "
-                  f"rollout tokens/s {r['rollout_tok_s'] / rows['torch']['rollout_tok_s']:.2f}x")
+        if e != base:
+            print(f"{e} vs {base}: step {rows[base]['step_s'] / r['step_s']:.2f}x faster, "
+                  f"generated tokens/s {r['rollout_tok_s'] / rows[base]['rollout_tok_s']:.2f}x")
     print("target: <= 20 s per step (2 questions x group 4)")
 
 

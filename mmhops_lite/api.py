@@ -77,9 +77,9 @@ def demo_paths() -> tuple[Path, Path]:
 
 def ensure_demo_index(cfg: Config, progress: bool = True) -> Path:
     """Build the demo KB and its index on first use (both steps resume if interrupted)."""
-    from .data.demo_kb import build_demo_kb
-
     import json
+
+    from .data.demo_kb import build_demo_kb
 
     kb, idx = demo_paths()
     if not (kb / "manifest.json").is_file():
@@ -112,7 +112,6 @@ def verify_models(names: list[str] | None = None) -> list:
 def generator(cfg: Config, model: str | None = None, backend: str | None = None):
     """The configured policy generator (llama.cpp by default)."""
     from .backends.base import get_generator
-
     from .bundle import bundle_generator, is_bundle
     from .registry import shipped_adapter
 
@@ -211,12 +210,13 @@ def demo_question(cfg: Config) -> tuple[Path, str]:
 
 
 def train_policy(questions_file: str | Path, cfg: Config, out: str | Path, index: str | Path | None = None, *,
-                 model: str | None = None, lora=None, sft=None, grpo=None, on_event=None) -> dict:
+                 model: str | None = None, lora=None, sft=None, grpo=None, weights=None, on_event=None) -> dict:
     """Train a LoRA adapter over an index (see mmhops_lite.train.driver.train)."""
+    from .rewards import Weights
     from .train.driver import train
     from .train.policy import LoraSpec
 
     idx_path = resolve_index(cfg, index)
     with open_index(idx_path, cfg) as idx:
         return train(questions_file, idx, cfg, out, model=model, lora=lora or LoraSpec(), sft=sft, grpo=grpo,
-                     on_event=on_event)
+                     weights=weights or Weights(), on_event=on_event)

@@ -56,6 +56,7 @@ class Episode:
     answer: str | None = None
     evaluated: int = 0
     generated: int = 0
+    draws: list = field(default_factory=list)  # per policy turn: (drawn tokens, sampler log-probs), () unrecorded
 
     @property
     def transcript(self) -> str:
@@ -120,11 +121,12 @@ def _evidence(answer: str | None, hops: list[Hop]) -> tuple:
     return tuple(out[:3])
 
 
-def _turn(gen, ep: Episode, prefill: str, cfg: Config, seed: int | None):
-    g = gen.generate(ep.prompt + ep.transcript + prefill, grammar.STOP, cfg.loop.max_new_tokens,
-                     cfg.loop.temperature, seed)
+def _turn(ep: Episode, prefill: str):
+    """One policy turn as a request to the driver: it is sent back the Generation of the prompt so far."""
+    g = yield ep.prompt + ep.transcript + prefill
     ep.evaluated += g.evaluated_tokens
     ep.generated += g.completion_tokens
+    ep.draws.append((g.tokens, g.logprobs))
     return g, grammar.close_action(prefill + g.text)
 
 
@@ -132,6 +134,49 @@ def answer(question: str, generator, index, cfg: Config, perceptions: Sequence[P
            mode: str = "agent", on_event: Event | None = None, seed: int | None = None,
            search_cache: dict | None = None, episode_out: list | None = None) -> Trace:
     """Answer one question: mode agent (the policy plans), pipeline (fixed chain) or direct (no retrieval)."""
+    steps = _episode(question, generator, index, cfg, perceptions, mode, on_event, search_cache, episode_out)
+    try:
+        prompt = next(steps)
+        while True:
+            prompt = steps.send(generator.generate(prompt, grammar.STOP, cfg.loop.max_new_tokens,
+                                                   cfg.loop.temperature, seed))
+    except StopIteration as done:
+        return done.value
+
+
+def answer_many(questions: Sequence[str], generator, index, cfg: Config,
+                perceptions: Sequence[Sequence[Perception]], seeds: Sequence[int | None],
+                search_cache: dict | None = None, episode_out: list | None = None) -> list[Trace]:
+    """Run several agent episodes side by side (e.g. a GRPO group): each turn, the episodes still going are decoded
+    together by `generator.generate_many`, episode i in KV slot i. Episodes stay independent: each reads only its
+    own searches and samples with its own seed. Generators without generate_many run the episodes one by one."""
+    if not hasattr(generator, "generate_many"):
+        return [answer(q, generator, index, cfg, p, seed=s, search_cache=search_cache, episode_out=episode_out)
+                for q, p, s in zip(questions, perceptions, seeds)]
+    eps: list = [[] for _ in questions]
+    runs = [_episode(q, generator, index, cfg, p, "agent", None, search_cache, eps[i])
+            for i, (q, p) in enumerate(zip(questions, perceptions))]
+    traces: list = [None] * len(runs)
+    pending = {i: next(r) for i, r in enumerate(runs)}
+    while pending:
+        slots = sorted(pending)
+        outs = generator.generate_many([pending[i] for i in slots], grammar.STOP, cfg.loop.max_new_tokens,
+                                       cfg.loop.temperature, [seeds[i] for i in slots], slots)
+        for i, g in zip(slots, outs):
+            try:
+                pending[i] = runs[i].send(g)
+            except StopIteration as done:
+                traces[i] = done.value
+                del pending[i]
+    if episode_out is not None:
+        episode_out.extend(e[0] for e in eps)
+    return traces
+
+
+def _episode(question: str, generator, index, cfg: Config, perceptions: Sequence[Perception], mode: str,
+             on_event: Event | None, search_cache: dict | None, episode_out: list | None):
+    """The loop as a coroutine: yields each prompt the policy must continue, is sent its Generation, returns the
+    Trace. `answer` drives one; `answer_many` drives a group in lockstep."""
     t_start = time.perf_counter()
     emit = on_event or (lambda kind, payload: None)
     search = Searcher(index, cfg, generator.count_tokens, search_cache)
@@ -160,7 +205,7 @@ def answer(question: str, generator, index, cfg: Config, perceptions: Sequence[P
         run_search("text_search", " ".join(entities + [q]), None, t0=t0)
     if mode in ("pipeline", "direct"):
         t0 = time.perf_counter()
-        g, text = _turn(generator, ep, "<answer>", cfg, seed)
+        g, text = yield from _turn(ep, "<answer>")
         act = grammar.parse_action(text, n_img)
         ep.add(text, True)
         ep.answer = act.argument if act.kind == "answer" else (g.text.strip() or None)
@@ -172,7 +217,7 @@ def answer(question: str, generator, index, cfg: Config, perceptions: Sequence[P
         corrected = False
         for _ in range(cfg.loop.max_turns):
             t0 = time.perf_counter()
-            g, text = _turn(generator, ep, "", cfg, seed)
+            g, text = yield from _turn(ep, "")
             act = grammar.parse_action(text, n_img)
             ep.add(text, True)
             if act.kind == "answer":

@@ -1,5 +1,5 @@
 """Rewards for GRPO, as plain functions: outcome (MMhops scorer), format, and action (counted only when the
-answer is right). Defaults: outcome 1.0, format 0.2, action 0.3 (see `Weights`)."""
+answer is right). Defaults: outcome 1.0, format 0.2, action 0.3 (see `Weights`; `--reward` on the command line)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,6 +17,40 @@ class Weights:
     format: float = 0.2
     action: float = 0.3
     f1_partial: bool = False  # give String answers token-F1 partial credit instead of 0 when wrong
+    coverage: bool = False  # action credit in proportion to the gold entities and passages found (not any one)
+
+    @classmethod
+    def parse(cls, spec: str) -> Weights:
+        """Weights from `name=value` pairs; names left out keep their defaults.
+
+        >>> Weights.parse("action=0.5, coverage=1")
+        Weights(outcome=1.0, format=0.2, action=0.5, f1_partial=False, coverage=True)
+        >>> Weights.parse("speed=1")
+        Traceback (most recent call last):
+        ...
+        mmhops_lite.errors.InputError: unknown reward part 'speed' Fix: write e.g. --reward outcome=1,...
+        """
+        from dataclasses import fields, replace
+
+        from .errors import InputError
+
+        names = {f.name: f.type for f in fields(cls)}
+        names["f1"] = "bool"
+        out = cls()
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            key, _, val = part.partition("=")
+            key = key.strip()
+            if key not in names or not val.strip():
+                raise InputError(f"unknown reward part {key!r}" if key not in names else f"no value for {key!r}",
+                                 fix="write e.g. --reward outcome=1,format=0.2,action=0.3,f1=0,coverage=0")
+            try:
+                v = float(val)
+            except ValueError:
+                raise InputError(f"reward part {key!r} needs a number, not {val.strip()!r}",
+                                 fix="write e.g. --reward action=0.3 (flags f1, coverage: 0 or 1)") from None
+            key = "f1_partial" if key == "f1" else key
+            out = replace(out, **{key: bool(v) if key in ("f1_partial", "coverage") else v})
+        return out
 
 
 def outcome_reward(prediction: str | None, answer_eval: Sequence, problem_type: str = "String",
@@ -57,9 +91,11 @@ def format_reward(policy_turns: Sequence[str], n_images: int) -> float:
     return sum(a.kind != "invalid" for a in actions) / len(actions)
 
 
-def action_reward(hops: Sequence, gold_entities: Sequence[str], gold_passages: Sequence[str], correct: bool) -> float:
+def action_reward(hops: Sequence, gold_entities: Sequence[str], gold_passages: Sequence[str], correct: bool,
+                  coverage: bool = False) -> float:
     """Useful tool use, counted only when the answer is right: half for an image search whose top entity is a gold
-    one, half for a text search that retrieved a gold passage.
+    one, half for a text search that retrieved a gold passage. With `coverage`, each half is the share of the gold
+    entities (passages) found, so a comparison pays in full only when both sides were looked up.
 
     >>> hops = [{"action": "image_search", "results": [{"id": "flag:fr", "title": "France"}]},
     ...         {"action": "text_search", "results": [{"id": "wiki:x"}, {"id": "wiki:france"}]}]
@@ -69,14 +105,20 @@ def action_reward(hops: Sequence, gold_entities: Sequence[str], gold_passages: S
     0.0
     >>> action_reward(hops[:1], ["Spain"], ["wiki:france"], correct=True)
     0.0
+    >>> action_reward(hops, ["France", "Peru"], ["wiki:france", "wiki:peru"], correct=True, coverage=True)
+    0.5
     """
     if not correct:
         return 0.0
-    gold_e = {g.lower() for g in gold_entities}
-    img = any(_get(h, "action") == "image_search" and _get(h, "results")
-              and _get(h, "results")[0].get("title", "").lower() in gold_e for h in hops)
-    txt = any(_get(h, "action") == "text_search" and any(r.get("id") in set(gold_passages) for r in _get(h, "results"))
-              for h in hops)
+    found = {r.get("title", "").lower() for h in hops if _get(h, "action") == "image_search" and _get(h, "results")
+             for r in _get(h, "results")[:1]}
+    read = {r.get("id") for h in hops if _get(h, "action") == "text_search" for r in _get(h, "results")}
+    gold_e, gold_p = {g.lower() for g in gold_entities}, set(gold_passages)
+    if coverage:
+        img = len(gold_e & found) / len(gold_e) if gold_e else 0.0
+        txt = len(gold_p & read) / len(gold_p) if gold_p else 0.0
+    else:
+        img, txt = float(bool(gold_e & found)), float(bool(gold_p & read))
     return 0.5 * img + 0.5 * txt
 
 
@@ -92,7 +134,7 @@ def total_reward(trace, question, weights: Weights = Weights()) -> dict:
         "outcome": outcome_reward(trace.answer, question.answer_eval, question.problem_type, weights.f1_partial),
         "format": format_reward(turns, len(question.images)),
         "action": action_reward(trace.hops, question.extra.get("gold_entities", ()),
-                                question.extra.get("gold_passages", ()), correct),
+                                question.extra.get("gold_passages", ()), correct, weights.coverage),
     }
     parts["total"] = weights.outcome * parts["outcome"] + weights.format * parts["format"] + \
         weights.action * parts["action"]

@@ -52,3 +52,15 @@ def tiny_gguf(tmp_path_factory):
     from mmhops_lite.registry import resolve
 
     return make_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", resolve("smollm2-135m-instruct"))
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """A 2-layer random Llama Hugging Face folder with the packaged SmolLM2 tokenizer."""
+    from tiny_models import make_tiny_hf, save_gguf_tokenizer
+
+    from mmhops_lite.registry import resolve
+
+    root = tmp_path_factory.mktemp("tinyhf")
+    tok = save_gguf_tokenizer(root / "tok", resolve("smollm2-135m-instruct"))
+    return make_tiny_hf(root / "llama", tok, "llama")

@@ -114,3 +114,58 @@ def test_shared_search_cache_never_answers_for_another_image(index, tiny_kb):
                     search_cache=cache)
         titles.append(tr.hops[0].results[0]["title"])
     assert titles == ["Sylvania", "Latveria", "Sylvania", "Genovia"]
+
+
+class PromptPolicy(ScriptedGenerator):
+    """A deterministic policy whose turn depends only on its prompt (so interleaving episodes cannot change it);
+    offers generate_many, recording the slots of each batched call."""
+
+    def __init__(self):
+        super().__init__([])
+        self.calls = []
+
+    def _reply(self, prompt: str) -> str:
+        seen = prompt.count("<information>") - grammar.SYSTEM.count("<information>")
+        if "Which?" in prompt and seen == 0:
+            return "<think>look</think><image_search>1</image_search>"
+        if "Mudton" in prompt and seen == 0:
+            return "<text_search>Mudton country</text_search>"
+        if "broken" in prompt and seen == 0:
+            return "no tags at all"
+        return f"<answer>after {seen}</answer>"
+
+    def generate(self, prompt, stop, max_tokens=256, temperature=0.0, seed=None):
+        self.replies = [self._reply(prompt)]
+        return super().generate(prompt, stop, max_tokens, temperature, seed)
+
+    def generate_many(self, prompts, stop, max_tokens, temperature, seeds, slots):
+        self.calls.append(list(slots))
+        return [self.generate(p, stop, max_tokens, temperature, s) for p, s in zip(prompts, seeds)]
+
+
+def test_answer_many_runs_episodes_side_by_side_as_answer_does(index, tiny_kb):
+    from mmhops_lite.loop import answer_many
+
+    cfg = Config.resolve(env={})
+    questions = ["<image> Which?", "Which country has Mudton?", "broken", "Which country has Mudton?"]
+    percs = [[perception(tiny_kb, "sylvania")], [], [], []]
+    seeds = [1, 2, 3, 4]
+    eps_many: list = []
+    policy = PromptPolicy()
+    many = answer_many(questions, policy, index, cfg, percs, seeds, episode_out=eps_many)
+    eps_one: list = []
+    one = [answer(q, PromptPolicy(), index, cfg, p, seed=s, episode_out=eps_one)
+           for q, p, s in zip(questions, percs, seeds)]
+    def hops(t):
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in t.to_dict()["hops"]]
+
+    assert [hops(t) for t in many] == [hops(t) for t in one]
+    assert [t.answer for t in many] == ["after 1", "after 1", "after 1", "after 1"]
+    assert [e.segments for e in eps_many] == [e.segments for e in eps_one]
+    # Every episode takes its first turn in one batch; each later batch holds the episodes still going.
+    assert policy.calls[0] == [0, 1, 2, 3] and all(set(b) <= set(a) for a, b in zip(policy.calls, policy.calls[1:]))
+    assert len(policy.calls) == 2
+    # Without generate_many the same episodes run one by one.
+    plain = ScriptedGenerator([])
+    plain.generate = PromptPolicy().generate
+    assert [t.answer for t in answer_many(questions, plain, index, cfg, percs, seeds)] == [t.answer for t in one]

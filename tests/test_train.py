@@ -14,17 +14,6 @@ from mmhops_lite.train.sft import SFTConfig, masked_loss
 
 
 @pytest.fixture(scope="module")
-def tiny_hf(tmp_path_factory):
-    from tiny_models import make_tiny_hf, save_gguf_tokenizer
-
-    from mmhops_lite.registry import resolve
-
-    root = tmp_path_factory.mktemp("tinyhf")
-    tok = save_gguf_tokenizer(root / "tok", resolve("smollm2-135m-instruct"))
-    return make_tiny_hf(root / "llama", tok, "llama")
-
-
-@pytest.fixture(scope="module")
 def world(tiny_kb_module, tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     sync(root / "idx", KnowledgeBase(tiny_kb_module), HashTextEncoder(), TinyImageEncoder(), progress=False)
@@ -170,30 +159,32 @@ def test_adapter_converts_to_gguf_and_llamacpp_loads_it(world, tiny_hf, tiny_ggu
 
 
 def test_llamacpp_sampler_logprobs_match_torch(tiny_gguf):
-    """The rollout engine's recorded log-probs are the torch policy's, token for token (importance weights ~1)."""
+    """The rollout engine's recorded log-probs are the torch policy's, token for token (importance weights ~1), and
+    reach the trainer per policy turn as it tokenizes the turn's text."""
     import torch
 
     from mmhops_lite import grammar
     from mmhops_lite.backends.llamacpp import LlamaCppGenerator
     from mmhops_lite.backends.torch_backend import TorchGenerator
-    from mmhops_lite.train.rl import SamplerRecorder
+    from mmhops_lite.loop import Episode
+    from mmhops_lite.train.rl import sampler_turns
 
     gen, ref = LlamaCppGenerator(tiny_gguf, n_ctx=512, threads=1), TorchGenerator(tiny_gguf, n_ctx=512, threads=1)
     gen.record_logprobs = True
-    rec = SamplerRecorder(gen, ref.tokenizer)
     prompt = gen.render(grammar.messages("Which city is the capital?", []))
-    out = rec.generate(prompt, [], max_tokens=10, temperature=1.0, seed=5)
-    lps = rec.turns[0]
-    assert out.completion_tokens > 0 and 0 < len(lps) <= out.completion_tokens and gen.last_logprobs == []
+    out = gen.generate(prompt, [], max_tokens=10, temperature=1.0, seed=5)
+    assert out.completion_tokens > 0 and 0 < len(out.tokens) <= out.completion_tokens
+    assert len(out.logprobs) == len(out.tokens)
     ids = ref.tokenize(prompt)
-    new = ref.tokenizer(out.text, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
-        logp = torch.log_softmax(ref.model(input_ids=torch.tensor([ids + new])).logits[0].float(), -1)
-    want = [float(logp[len(ids) - 1 + i, t]) for i, t in enumerate(new[: len(lps)])]
-    assert max(abs(a - b) for a, b in zip(lps, want)) < 0.05
+        logp = torch.log_softmax(ref.model(input_ids=torch.tensor([ids + list(out.tokens)])).logits[0].float(), -1)
+    want = [float(logp[len(ids) - 1 + i, t]) for i, t in enumerate(out.tokens)]
+    assert max(abs(a - b) for a, b in zip(out.logprobs, want)) < 0.05
+    ep = Episode(prompt, [(out.text, True), ("<information>x</information>", False)], draws=[(out.tokens, out.logprobs)])
+    turn = sampler_turns(ref.tokenizer, ep)[0]
+    assert 0 < len(turn) and turn == list(out.logprobs[:len(turn)])
     # Greedy calls record nothing (no sampler to correct for).
-    rec.generate(prompt, [], max_tokens=3, temperature=0.0)
-    assert rec.turns[1] == []
+    assert gen.generate(prompt, [], max_tokens=3, temperature=0.0).tokens == ()
 
 
 def test_importance_weights_scale_each_policy_token(tiny_hf):

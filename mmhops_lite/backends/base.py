@@ -18,6 +18,10 @@ class Generation:
     completion_tokens: int
     seconds: float
     finish: str = "stop"  # stop | length | eos
+    # Set when the generator records its sampling (training): the drawn token ids it evaluated, and the sampler's
+    # log-probability of each at the sampling temperature.
+    tokens: tuple = ()
+    logprobs: tuple = ()
 
 
 class Generator(Protocol):
@@ -32,6 +36,10 @@ class Generator(Protocol):
 
     def generate(self, prompt: str, stop: Sequence[str], max_tokens: int = 256, temperature: float = 0.0,
                  seed: int | None = None) -> Generation: ...
+
+    # Optional: generators that decode several sequences at once also offer
+    # generate_many(prompts, stop, max_tokens, temperature, seeds, slots) -> list[Generation], where `slots` names
+    # the KV-cache sequence each prompt continues (the loop gives each concurrent episode its own slot).
 
 
 BACKENDS = {

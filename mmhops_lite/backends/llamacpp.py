@@ -1,7 +1,9 @@
 """llama-cpp-python backend (the default): a GGUF policy, optional GGUF LoRA adapter, KV cache kept across turns."""
 from __future__ import annotations
 
+import atexit
 import time
+import weakref
 from pathlib import Path
 from typing import Sequence
 
@@ -35,12 +37,14 @@ class LlamaCppGenerator:
             raise ModelNotFound(f"llama.cpp cannot load {path}: {exc}", path=path,
                                 fix="check the file is a complete GGUF (mmhops-lite models verify)") from exc
         self.id = path.name + (f"+{Path(lora_path).name}" if lora_path else "")
-        # Training sets record_logprobs: each sampled call then leaves, per generated step, the sampler's
-        # log-softmax over the vocabulary (last_logprobs) and the drawn tokens it is sure of (last_sampled).
+        # Training sets record_logprobs: each sampled Generation then carries the drawn tokens llama.cpp evaluated
+        # and the sampler's log-probability of each (Generation.tokens / .logprobs).
         self.record_logprobs = False
-        self.last_logprobs: list = []
-        self.last_sampled: list[int] = []
         self.n_ctx = n_ctx
+        self.threads = n
+        self._multi = None  # the multi-sequence context of generate_many, made on first use
+        # Free native memory at exit while llama_cpp is still importable (interpreter teardown may come too late).
+        atexit.register(_close_if_alive, weakref.ref(self))
         meta = self.llm.metadata
         self.template = meta.get("tokenizer.chat_template")
         self.add_bos = meta.get("tokenizer.ggml.add_bos_token", "false") == "true"
@@ -92,17 +96,69 @@ class LlamaCppGenerator:
                                          top_k=0 if temperature else 1, repeat_penalty=1.0, seed=seed, echo=False,
                                          logits_processor=processors)
         dt = time.perf_counter() - t0
+        drawn, lps = (), ()
         if processors is not None:
             # Sampled tokens we know for sure: those evaluated after the prompt (the last draw is never evaluated).
-            self.last_logprobs = steps
-            self.last_sampled = [int(t) for t in self.llm._input_ids[len(toks):self.llm.n_tokens]]
+            drawn = tuple(int(t) for t in self.llm._input_ids[len(toks):self.llm.n_tokens])
+            lps = tuple(float(z[t]) for z, t in zip(steps, drawn))
         ch = out["choices"][0]
         return Generation(ch["text"], len(toks), len(toks) - cached, out["usage"]["completion_tokens"], dt,
-                          ch.get("finish_reason") or "stop")
+                          ch.get("finish_reason") or "stop", drawn, lps)
+
+    def generate_many(self, prompts: Sequence[str], stop: Sequence[str], max_tokens: int = 256,
+                      temperature: float = 0.0, seeds: Sequence[int | None] | None = None,
+                      slots: Sequence[int] | None = None) -> list[Generation]:
+        """Continue several prompts at once, prompt i in KV sequence slots[i] (default i); one llama_decode per step
+        advances every sequence still generating.
+
+        Each slot keeps its sequence between calls, so a prompt that extends its slot's last one only runs the new
+        tokens; a prompt that shares a longer prefix with another slot (the rollouts of one question share the
+        system prompt, question and image text) copies that slot's cache instead of recomputing it. Sampling is
+        the full softmax at `temperature` (greedy at 0), seeded per prompt, as in `generate`."""
+        from .llamacpp_multi import MultiSequence
+
+        slots = list(range(len(prompts))) if slots is None else list(slots)
+        seeds = [None] * len(prompts) if seeds is None else list(seeds)
+        if len(slots) != len(prompts) or len(seeds) != len(prompts) or len(set(slots)) != len(slots):
+            raise ValueError("generate_many needs one distinct slot and one seed per prompt")
+        need = max(slots) + 1
+        if self._multi is None or self._multi.n_slots < need:
+            self.close_many()
+            self._multi = MultiSequence(self.llm, max(need, 8), self.n_ctx, self.threads)
+        toks = []
+        for p in prompts:
+            t = self.tokenize(p)
+            if len(t) + 1 >= self.n_ctx:
+                raise InputError(f"the prompt ({len(t)} tokens) fills the context window ({self.n_ctx})",
+                                 fix="raise model.n_ctx or lower loop.info_tokens / loop.max_turns")
+            toks.append(t)
+        return self._multi.run(toks, slots, list(stop), max_tokens, temperature, seeds, self.record_logprobs)
+
+    def close_many(self) -> None:
+        """Free generate_many's context (it holds a KV cache for every slot)."""
+        multi, self._multi = getattr(self, "_multi", None), None
+        if multi is not None:
+            multi.close()
+
+    def close(self) -> None:
+        """Free the contexts and the model now."""
+        self.close_many()
+        self.llm.close()
+
+    def __del__(self):
+        self.close_many()
 
     def reset(self) -> None:
         """Forget the KV cache (the next call evaluates its whole prompt)."""
         self.llm.reset()
+        if self._multi is not None:
+            self._multi.clear()
+
+
+def _close_if_alive(ref) -> None:
+    gen = ref()
+    if gen is not None:
+        gen.close()
 
 
 def run_converter(script: str, args: list[str], out: Path, what: str, fix: str) -> Path:

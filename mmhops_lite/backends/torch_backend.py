@@ -217,6 +217,7 @@ class TorchGenerator:
             self.model.forward).parameters
         self._cache = None
         self._cached_ids: list[int] = []
+        self._rows = None  # generate_many's batched cache
 
     @classmethod
     def from_model(cls, model, tokenizer, n_ctx: int = 4096, model_id: str = "live-policy") -> "TorchGenerator":
@@ -344,6 +345,48 @@ class TorchGenerator:
                     raise
         return Generation(text, len(ids), evaluated, len(out), time.perf_counter() - t0, finish)
 
+    def generate_many(self, prompts: Sequence[str], stop: Sequence[str], max_tokens: int = 256,
+                      temperature: float = 0.0, seeds: Sequence[int | None] | None = None,
+                      slots: Sequence[int] | None = None) -> list[Generation]:
+        """Continue several prompts as one batch with a shared KV cache, prompt i in row slots[i] (default i).
+
+        The first call reads the prompts' common prefix once and gives every row a copy. Rows keep their cache
+        between calls, so a prompt that extends its row's last one only runs the new tokens; rows of unequal length
+        are aligned with masked gaps (never with recomputation), and positions stay each row's own. Sampling is the
+        full softmax at `temperature` (greedy at 0), seeded per prompt, as in `generate`."""
+        slots = list(range(len(prompts))) if slots is None else list(slots)
+        seeds = [None] * len(prompts) if seeds is None else list(seeds)
+        if len(slots) != len(prompts) or len(seeds) != len(prompts) or len(set(slots)) != len(slots):
+            raise ValueError("generate_many needs one distinct slot and one seed per prompt")
+        ids = []
+        for p in prompts:
+            t = self.tokenize(p)
+            if not t:
+                raise InputError("the prompt is empty", fix="render the chat messages first (generator.render)")
+            if len(t) + 1 >= self.n_ctx:
+                raise InputError(f"the prompt ({len(t)} tokens) fills the context window ({self.n_ctx})",
+                                 fix="raise model.n_ctx or lower loop.info_tokens / loop.max_turns")
+            ids.append(t)
+        lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        if self.is_vlm or not hasattr(lm, "get_decoder") or lm.get_output_embeddings() is None:
+            return [self.generate(p, stop, max_tokens, temperature, s) for p, s in zip(prompts, seeds)]
+        from .torch_batch import BatchDecoder, shared_prefix
+
+        fresh = self._rows is None or not self._rows.can_continue(slots, ids)
+        if fresh and shared_prefix(ids) < 1:  # nothing in common to start the rows from: one by one
+            return [self.generate(p, stop, max_tokens, temperature, s) for p, s in zip(prompts, seeds)]
+        if fresh:
+            self._rows = BatchDecoder(lm.get_decoder(), lm.get_output_embeddings(), self.torch)
+        return self._rows.run(ids, slots, list(stop), max_tokens, temperature, seeds, self.n_ctx, self.eos_ids,
+                              self._pick_logp, self._rng, self._detok, self._special)
+
+    def _pick_logp(self, logits, temperature: float, rng) -> tuple[int, float]:
+        """_pick, with the drawn token's log-probability at the temperature (0.0 when greedy)."""
+        tok = self._pick(logits, temperature, rng)
+        if rng is None:
+            return tok, 0.0
+        return tok, float(self.torch.log_softmax(logits / temperature, dim=-1)[tok])
+
     def _rng(self, seed: int | None):
         return self.torch.Generator().manual_seed(int(seed) if seed is not None else int(time.time_ns() % 2**63))
 
@@ -376,7 +419,7 @@ class TorchGenerator:
 
     def reset(self) -> None:
         """Forget the KV cache (the next call evaluates its whole prompt)."""
-        self._cache, self._cached_ids = None, []
+        self._cache, self._cached_ids, self._rows = None, [], None
 
 
 __all__ = ["TorchGenerator", "hf_from_gguf", "save_tokenizer", "tokenizer_from_gguf"]

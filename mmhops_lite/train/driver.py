@@ -12,6 +12,7 @@ from ..config import Config
 from ..data.questions import load_questions
 from ..errors import InputError
 from ..paths import free_cores
+from ..rewards import Weights
 from .distributed import Dist
 from .episodes import TokenizedEpisode
 from .grpo import GRPOConfig
@@ -34,12 +35,13 @@ def _load_data(path: Path) -> list[TokenizedEpisode]:
 
 def train(questions_file: str | Path, index, cfg: Config, out: str | Path, *, model: str | None = None,
           lora: LoraSpec = LoraSpec(), sft: SFTConfig | None = SFTConfig(), grpo: GRPOConfig | None = GRPOConfig(),
-          gguf_adapter: bool = True, on_event: Callable[[str, dict], None] | None = None) -> dict:
+          weights: Weights = Weights(), gguf_adapter: bool = True, on_event: Callable[[str, dict], None] | None = None) -> dict:
     """Train a LoRA adapter on a question file over an open index; resumable from `out`."""
     if grpo is not None:
         for name, value, allowed in (("--engine", grpo.engine, ("llamacpp", "torch")),
                                      ("--rollout-weights", grpo.rollout_weights, ("merged", "adapter")),
                                      ("--update-dtype", grpo.update_dtype, ("auto", "bf16", "fp32")),
+                                     ("--rollouts", grpo.rollouts, ("batched", "sequential")),
                                      ("--loss", grpo.loss, ("grpo", "dr_grpo", "reinforce"))):
             if value not in allowed:
                 raise InputError(f"{name} {value!r} is not an option", fix=f"use one of: {', '.join(allowed)}")
@@ -56,7 +58,8 @@ def train(questions_file: str | Path, index, cfg: Config, out: str | Path, *, mo
                                                       seed=sft.seed if sft else 0)
     meta = {"base": str(model), "base_hf": str(base_dir), "base_gguf": str(base_gguf) if base_gguf else None,
             "questions": str(Path(questions_file).resolve()), "lora": asdict(lora),
-            "sft": asdict(sft) if sft else None, "grpo": asdict(grpo) if grpo else None, "hardware": f"{platform.machine()} {platform.processor()}".strip()}
+            "sft": asdict(sft) if sft else None, "grpo": asdict(grpo) if grpo else None,
+            "reward": asdict(weights), "hardware": f"{platform.machine()} {platform.processor()}".strip()}
     result = {"out": str(out), "meta": meta}
     if sft is not None:
         data_path = out / "sft-data.jsonl"
@@ -73,7 +76,7 @@ def train(questions_file: str | Path, index, cfg: Config, out: str | Path, *, mo
         result["sft_examples"] = len(data)
     if grpo is not None and grpo.steps > 0:
         emit("phase", {"name": "grpo", "steps": grpo.steps})
-        state = run_grpo(net, tok, questions, index, cfg, grpo, out, base_dir, base_gguf, meta,
+        state = run_grpo(net, tok, questions, index, cfg, grpo, out, base_dir, base_gguf, meta, weights,
                          on_step=lambda rec: emit("step", rec), on_warning=lambda msg: emit("warning", {"text": msg}),
                          dist=dist)
         result["grpo_steps"] = state["step"]

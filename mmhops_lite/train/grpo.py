@@ -35,6 +35,7 @@ class GRPOConfig:
     engine: str = "llamacpp"  # llamacpp (GGUF adapter over the base GGUF) | torch (the live peft model)
     refresh_every: int = 1  # steps between GGUF adapter refreshes of the llama.cpp engine
     rollout_weights: str = "merged"  # llama.cpp engine: merged (LoRA folded into a Q8_0 GGUF) | adapter (GGUF LoRA)
+    rollouts: str = "batched"  # batched (a step's rollouts decoded side by side) | sequential (one after another)
     importance_cap: float = 2.0  # truncated importance weights for the llama.cpp sampler (0 = off)
     update_dtype: str = "auto"  # auto (bf16 autocast where the CPU has native bf16) | bf16 | fp32
     checkpoint_every: int = 5

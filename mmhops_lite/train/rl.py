@@ -7,10 +7,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .. import grammar
 from ..config import Config
 from ..errors import require
-from ..loop import answer, perceive
+from ..loop import answer, answer_many, perceive
 from ..rewards import Weights, total_reward
 from ..types import Question
 from .checkpoint import load_checkpoint, save_checkpoint, trim_log
@@ -78,28 +77,29 @@ class Engine:
             return adapter_to_gguf(folder, self.base_dir, target)
 
 
-class SamplerRecorder:
-    """Wraps the llama.cpp engine for one rollout: after each policy turn, keeps the sampler's log-probability of
-    each token of that turn as the trainer will tokenize it (stopping where the re-tokenization departs from
-    what was drawn), so the loss can weight tokens by pi_torch / pi_sampler."""
+def sampler_turns(tokenizer, ep) -> list[list[float]]:
+    """The sampler's log-probability of each token of each policy turn, as the trainer tokenizes the turn's text,
+    stopping where that tokenization departs from what the engine drew.
 
-    def __init__(self, gen, tokenizer):
-        self.gen, self.tokenizer, self.turns = gen, tokenizer, []
-        self.id, self.n_ctx = gen.id, gen.n_ctx
-        self.render, self.count_tokens = gen.render, gen.count_tokens
-
-    def generate(self, prompt, stop, max_tokens=256, temperature=0.0, seed=None):
-        out = self.gen.generate(prompt, stop, max_tokens, temperature, seed)
-        ids = self.tokenizer(grammar.close_action(out.text), add_special_tokens=False)["input_ids"]
-        drawn, steps = self.gen.last_sampled, self.gen.last_logprobs if temperature > 0 else []
-        lps = []
+    >>> from types import SimpleNamespace as NS
+    >>> class Tok:  # one token per character
+    ...     def __call__(self, text, add_special_tokens=False):
+    ...         return {"input_ids": [ord(c) for c in text]}
+    >>> ep = NS(segments=[("ab", True), ("I", False), ("cd", True)],
+    ...         draws=[((97, 98), (-0.1, -0.2)), ((99, 120), (-0.3, -0.4))])
+    >>> sampler_turns(Tok(), ep)
+    [[-0.1, -0.2], [-0.3]]
+    """
+    turns = []
+    for (text, _), (drawn, lps) in zip([s for s in ep.segments if s[1]], ep.draws):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        out = []
         for i, t in enumerate(ids):
-            if i >= len(steps) or (i < len(drawn) and drawn[i] != t):
+            if i >= len(drawn) or drawn[i] != t:
                 break
-            lps.append(float(steps[i][t]))
-        self.turns.append(lps)
-        self.gen.last_logprobs = []  # the per-step distributions are large: keep only the scalars
-        return out
+            out.append(float(lps[i]))
+        turns.append(out)
+    return turns
 
 
 def sampler_positions(tokenizer, prompt: str, segments, turns: list[list[float]], length: int) -> list:
@@ -166,21 +166,29 @@ def run_grpo(net, tok, questions: Sequence[Question], index, cfg: Config, g: GRP
             engine.refresh(step)
         t0 = time.perf_counter()
         t_ref = t0 - t_ref
-        groups = []
+        groups, jobs = [], []
         for qi in dist.share(question_order(len(questions), step, g.questions_per_step, g.seed)):
             q = questions[qi]
             if q.id not in perceptions:
                 perceptions[q.id] = perceive(q.images, index.image_encoder, ocr=cfg.encoders.ocr) if q.images else []
-            rollouts = []
-            for k in range(g.group_size):
-                eps: list = []
-                if engine.kind == "torch":  # the live model's cache must not carry numerics across rollouts;
-                    engine.gen.reset()        # llama.cpp keeps the system prompt (its engine is rebuilt each refresh)
-                gen = SamplerRecorder(engine.gen, tok) if engine.records else engine.gen
-                tr = answer(q.problem, gen, index, rcfg, perceptions[q.id], seed=g.seed * 100003 + step * 101 + qi * 11 + k,
-                            search_cache=cache, episode_out=eps)
-                rollouts.append((tr, eps[0], total_reward(tr, q, weights), getattr(gen, "turns", None)))
-            groups.append((q, rollouts))
+            jobs += [(qi, q, k) for k in range(g.group_size)]
+        eps: list = []
+        seeds = [g.seed * 100003 + step * 101 + qi * 11 + k for qi, _, k in jobs]
+        if g.rollouts == "batched":  # each turn, the step's episodes still going are decoded in one batch
+            traces = answer_many([q.problem for _, q, _ in jobs], engine.gen, index, rcfg,
+                                 [perceptions[q.id] for _, q, _ in jobs], seeds, search_cache=cache, episode_out=eps)
+        else:
+            traces = []
+            for (_, q, _), seed in zip(jobs, seeds):
+                if engine.kind == "torch":  # the live model's cache must not carry numerics across rollouts
+                    engine.gen.reset()
+                traces.append(answer(q.problem, engine.gen, index, rcfg, perceptions[q.id], seed=seed,
+                                     search_cache=cache, episode_out=eps))
+        for j, (qi, q, k) in enumerate(jobs):
+            if k == 0:
+                groups.append((q, []))
+            turns = sampler_turns(tok, eps[j]) if engine.records else None
+            groups[-1][1].append((traces[j], eps[j], total_reward(traces[j], q, weights), turns))
         t_roll = time.perf_counter() - t0
         t1 = time.perf_counter()
         net.train()
