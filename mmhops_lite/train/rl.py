@@ -131,7 +131,7 @@ def _summary(tr, reward: dict) -> dict:
     """What the step log needs of one rollout (small, so processes can exchange it)."""
     return {**{k: reward[k] for k in ("total", "outcome", "format", "action", "correct")},
             "searches": sum(h.action in ("image_search", "text_search") for h in tr.hops), "turns": len(tr.hops),
-            "generated": tr.tokens["generated"], "evaluated": tr.tokens["evaluated"]}
+            "generated": tr.tokens["generated"], "evaluated": tr.tokens["evaluated"], "episode": tr.tokens["prompt"]}
 
 
 def run_grpo(net, tok, questions: Sequence[Question], index, cfg: Config, g: GRPOConfig, out: Path,
@@ -235,6 +235,7 @@ def run_grpo(net, tok, questions: Sequence[Question], index, cfg: Config, g: GRP
                "importance": mean("importance", stats, 4), "importance_capped": mean("importance_capped", stats, 5),
                "zero_variance_groups": zero_groups, "trained_rollouts": trained,
                "rollout_tokens": sum(f["generated"] + f["evaluated"] for f in flat),
+               "episode_tokens": sum(f["episode"] for f in flat),
                "update_tokens": sum(st.get("forward_tokens", 0) for st in stats),
                "refresh_s": round(t_ref, 2), "rollout_s": round(t_roll, 2), "update_s": round(t_loss, 2),
                "seconds": round(t_ref + t_roll + t_loss, 2), "engine": engine.kind}
