@@ -88,6 +88,68 @@ def adapter_for(backend: str, adapter) -> Path:
                             "for a .gguf adapter")
 
 
+def check_prompt(ids: Sequence[int], n_ctx: int) -> None:
+    """Refuse an empty prompt, or one that leaves no room to generate in the context window."""
+    from ..errors import InputError
+
+    if not ids:
+        raise InputError("the prompt is empty", fix="render the chat messages first (generator.render)")
+    if len(ids) + 1 >= n_ctx:
+        raise InputError(f"the prompt ({len(ids)} tokens) fills the context window ({n_ctx})",
+                         fix="raise model.n_ctx or lower loop.info_tokens / loop.max_turns")
+
+
+def batch_slots(n: int, seeds, slots) -> tuple[list, list[int]]:
+    """generate_many's seeds and KV slots (default: slot i for prompt i, no seed), checked: one distinct slot and
+    one seed per prompt."""
+    slots = list(range(n)) if slots is None else list(slots)
+    seeds = [None] * n if seeds is None else list(seeds)
+    if len(slots) != n or len(seeds) != n or len(set(slots)) != n:
+        raise ValueError("generate_many needs one distinct slot and one seed per prompt")
+    return seeds, slots
+
+
+def sample_lockstep(logits: list, budget: list[int], stop: Sequence[str], draw, is_eos, text_of, advance):
+    """The decoding loop of generate_many: every sequence still going draws a token from its logits, ends on EOS,
+    a stop string (cut from its text) or its budget, and the rest advance together (`advance(rows, tokens)` runs
+    their last tokens and returns their next logits, in order). Returns tokens, their log-probs, texts and finish
+    reasons per sequence.
+
+    >>> import itertools
+    >>> counter = itertools.count(1)
+    >>> sample_lockstep([0, 0], [5, 2], ["!"], lambda i, row: (next(counter), -0.5), lambda t: t == 9,
+    ...                 lambda i, toks: "".join("!" if t == 5 else "a" for t in toks), lambda rows, toks: [0] * len(rows))
+    ([[1, 3, 5], [2, 4]], [[-0.5, -0.5, -0.5], [-0.5, -0.5]], ['aa', 'aa'], ['stop', 'length'])
+    """
+    n = len(budget)
+    out: list[list[int]] = [[] for _ in range(n)]
+    lps: list[list[float]] = [[] for _ in range(n)]
+    text, finish = [""] * n, ["length"] * n
+    live = [i for i in range(n) if budget[i] > 0]
+    while live:
+        going = []
+        for i in live:
+            tok, lp = draw(i, logits[i])
+            if is_eos(tok):
+                finish[i] = "eos"
+                continue
+            out[i].append(tok)
+            lps[i].append(lp)
+            text[i] = text_of(i, out[i])
+            cut = [k for k in (text[i].find(s) for s in stop if s) if k >= 0]
+            if cut:
+                text[i], finish[i] = text[i][:min(cut)], "stop"
+                continue
+            if len(out[i]) < budget[i]:
+                going.append(i)
+        if not going:
+            break
+        for i, row in zip(going, advance(going, [out[i][-1] for i in going])):
+            logits[i] = row
+        live = going
+    return out, lps, text, finish
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the shared prefix of two token lists.
 

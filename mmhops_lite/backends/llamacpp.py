@@ -7,10 +7,10 @@ import weakref
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import InputError, ModelNotFound, require
+from ..errors import ModelNotFound, require
 from ..grammar import render_template
 from ..paths import free_cores
-from .base import Generation, common_prefix
+from .base import Generation, batch_slots, check_prompt, common_prefix
 
 
 class LlamaCppGenerator:
@@ -70,9 +70,7 @@ class LlamaCppGenerator:
                  seed: int | None = None) -> Generation:
         """Continue the prompt; llama-cpp-python reuses the cached prefix, we count what it had to evaluate."""
         toks = self.tokenize(prompt)
-        if len(toks) + 1 >= self.n_ctx:
-            raise InputError(f"the prompt ({len(toks)} tokens) fills the context window ({self.n_ctx})",
-                             fix="raise model.n_ctx or lower loop.info_tokens / loop.max_turns")
+        check_prompt(toks, self.n_ctx)
         # Same rule as llama-cpp-python's own prefix match: at least one token is always re-evaluated.
         cached = min(common_prefix(self.llm._input_ids.tolist(), toks), len(toks) - 1)
         t0 = time.perf_counter()
@@ -117,21 +115,14 @@ class LlamaCppGenerator:
         the full softmax at `temperature` (greedy at 0), seeded per prompt, as in `generate`."""
         from .llamacpp_multi import MultiSequence
 
-        slots = list(range(len(prompts))) if slots is None else list(slots)
-        seeds = [None] * len(prompts) if seeds is None else list(seeds)
-        if len(slots) != len(prompts) or len(seeds) != len(prompts) or len(set(slots)) != len(slots):
-            raise ValueError("generate_many needs one distinct slot and one seed per prompt")
+        seeds, slots = batch_slots(len(prompts), seeds, slots)
+        toks = [self.tokenize(p) for p in prompts]
+        for t in toks:
+            check_prompt(t, self.n_ctx)
         need = max(slots) + 1
         if self._multi is None or self._multi.n_slots < need:
             self.close_many()
             self._multi = MultiSequence(self.llm, max(need, 8), self.n_ctx, self.threads)
-        toks = []
-        for p in prompts:
-            t = self.tokenize(p)
-            if len(t) + 1 >= self.n_ctx:
-                raise InputError(f"the prompt ({len(t)} tokens) fills the context window ({self.n_ctx})",
-                                 fix="raise model.n_ctx or lower loop.info_tokens / loop.max_turns")
-            toks.append(t)
         return self._multi.run(toks, slots, list(stop), max_tokens, temperature, seeds, self.record_logprobs)
 
     def close_many(self) -> None:

@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from ..errors import InputError
-from .base import Generation, common_prefix
+from .base import Generation, common_prefix, sample_lockstep
 
 SHARE_MIN = 16  # a shared prefix shorter than this is recomputed rather than copied
 
@@ -143,33 +143,13 @@ class MultiSequence:
         n_ctx = self.ctx.n_ctx() // self.n_slots
         evaluated, logits = self._prefill(toks, slots)
         rngs = [np.random.default_rng(s) for s in seeds]
-        budget = [min(max_tokens, n_ctx - len(t) - 1) for t in toks]
-        out: list[list[int]] = [[] for _ in toks]
-        lps: list[list[float]] = [[] for _ in toks]
-        text, finish = [""] * len(toks), ["length"] * len(toks)
-        live = [i for i in range(len(toks)) if budget[i] > 0]
-        while live:
-            step = []
-            for i in live:
-                tok, lp = self._draw(logits[i], temperature, rngs[i])
-                if self.lib.llama_vocab_is_eog(self.vocab, tok):
-                    finish[i] = "eos"
-                    continue
-                out[i].append(tok)
-                lps[i].append(lp)
-                text[i] = self.llm.detokenize(out[i], prev_tokens=toks[i]).decode("utf-8", errors="ignore")
-                cut = [k for k in (text[i].find(s) for s in stop if s) if k >= 0]
-                if cut:
-                    text[i], finish[i] = text[i][:min(cut)], "stop"
-                    continue
-                if len(out[i]) < budget[i]:
-                    step.append(i)
-            if not step:
-                break
-            got = self._decode([(slots[i], out[i][-1], True) for i in step])
-            for k, i in enumerate(step):
-                logits[i] = got[k]
-            live = step
+        out, lps, text, finish = sample_lockstep(
+            logits, [min(max_tokens, n_ctx - len(t) - 1) for t in toks], stop,
+            draw=lambda i, row: self._draw(row, temperature, rngs[i]),
+            is_eos=lambda tok: self.lib.llama_vocab_is_eog(self.vocab, tok),
+            text_of=lambda i, out_i: self.llm.detokenize(out_i, prev_tokens=toks[i]).decode("utf-8", errors="ignore"),
+            advance=lambda rows, last: [v for _, v in sorted(self._decode([(slots[i], tok, True)
+                                                                           for i, tok in zip(rows, last)]).items())])
         dt = time.perf_counter() - t0
         gens = []
         for i, t in enumerate(toks):

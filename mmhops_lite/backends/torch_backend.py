@@ -16,7 +16,7 @@ from typing import Sequence
 from ..errors import InputError, ModelNotFound, require
 from ..grammar import render_chatml
 from ..paths import cache_dir, free_cores
-from .base import Generation, common_prefix
+from .base import Generation, batch_slots, check_prompt, common_prefix
 
 # Image-text-to-text families we load with AutoModelForImageTextToText and drive as text generators.
 VLM_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "idefics2", "llava", "llava_next",
@@ -311,11 +311,7 @@ class TorchGenerator:
                  seed: int | None = None) -> Generation:
         """Continue the prompt token by token until a stop string (cut from the text), EOS or max_tokens."""
         ids = self.tokenize(prompt)
-        if not ids:
-            raise InputError("the prompt is empty", fix="render the chat messages first (generator.render)")
-        if len(ids) + 1 >= self.n_ctx:
-            raise InputError(f"the prompt ({len(ids)} tokens) fills the context window ({self.n_ctx})",
-                             fix="raise model.n_ctx or lower loop.info_tokens / loop.max_turns")
+        check_prompt(ids, self.n_ctx)
         budget = min(max_tokens, self.n_ctx - len(ids) - 1)
         rng = self._rng(seed) if temperature > 0 else None
         t0 = time.perf_counter()
@@ -354,19 +350,10 @@ class TorchGenerator:
         between calls, so a prompt that extends its row's last one only runs the new tokens; rows of unequal length
         are aligned with masked gaps (never with recomputation), and positions stay each row's own. Sampling is the
         full softmax at `temperature` (greedy at 0), seeded per prompt, as in `generate`."""
-        slots = list(range(len(prompts))) if slots is None else list(slots)
-        seeds = [None] * len(prompts) if seeds is None else list(seeds)
-        if len(slots) != len(prompts) or len(seeds) != len(prompts) or len(set(slots)) != len(slots):
-            raise ValueError("generate_many needs one distinct slot and one seed per prompt")
-        ids = []
-        for p in prompts:
-            t = self.tokenize(p)
-            if not t:
-                raise InputError("the prompt is empty", fix="render the chat messages first (generator.render)")
-            if len(t) + 1 >= self.n_ctx:
-                raise InputError(f"the prompt ({len(t)} tokens) fills the context window ({self.n_ctx})",
-                                 fix="raise model.n_ctx or lower loop.info_tokens / loop.max_turns")
-            ids.append(t)
+        seeds, slots = batch_slots(len(prompts), seeds, slots)
+        ids = [self.tokenize(p) for p in prompts]
+        for t in ids:
+            check_prompt(t, self.n_ctx)
         lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         if self.is_vlm or not hasattr(lm, "get_decoder") or lm.get_output_embeddings() is None:
             return [self.generate(p, stop, max_tokens, temperature, s) for p, s in zip(prompts, seeds)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from .base import Generation, common_prefix
+from .base import Generation, common_prefix, sample_lockstep
 
 CHUNK = 256  # columns per forward pass while reading prompts (bounds the attention scores' memory)
 
@@ -106,6 +106,12 @@ class BatchDecoder:
             h_last = out.last_hidden_state[:, -1]
         return self.head(h_last).float()
 
+    def _advance(self, rows: list[int], last: list[int], n: int) -> list:
+        """Run each listed row's last token (the other rows get a gap); those rows' next logits."""
+        tok = dict(zip(rows, last))
+        logits = self._step([[tok[r]] if r in tok else [] for r in range(n)])
+        return [logits[r] for r in rows]
+
     # -- generation ----------------------------------------------------------------------------------------------
 
     def run(self, ids, slots, stop, max_tokens, temperature, seeds, n_ctx, eos_ids, pick, make_rng, detok,
@@ -126,32 +132,12 @@ class BatchDecoder:
                 read[r] += len(t) - keep
             logits = self._step(new)
             rngs = [make_rng(s) if temperature > 0 else None for s in seeds]
-            budget = [min(max_tokens, n_ctx - len(t) - 1) for t in ids]
             anchors = [next((x for x in reversed(t) if x not in special), None) for t in ids]
-            out: list[list[int]] = [[] for _ in ids]
-            lps: list[list[float]] = [[] for _ in ids]
-            text, finish = [""] * len(ids), ["length"] * len(ids)
-            live = [r for r in range(len(ids)) if budget[r] > 0]
-            while live:
-                going = []
-                for r in live:
-                    tok, lp = pick(logits[r], temperature, rngs[r])
-                    if tok in eos_ids:
-                        finish[r] = "eos"
-                        continue
-                    out[r].append(tok)
-                    lps[r].append(lp)
-                    text[r] = detok(anchors[r], out[r])
-                    cut = [i for i in (text[r].find(s) for s in stop if s) if i >= 0]
-                    if cut:
-                        text[r], finish[r] = text[r][:min(cut)], "stop"
-                        continue
-                    if len(out[r]) < budget[r]:
-                        going.append(r)
-                if not going:
-                    break
-                logits = self._step([[out[r][-1]] if r in going else [] for r in range(len(ids))])
-                live = going
+            out, lps, text, finish = sample_lockstep(
+                list(logits), [min(max_tokens, n_ctx - len(t) - 1) for t in ids], stop,
+                draw=lambda r, row: pick(row, temperature, rngs[r]), is_eos=lambda tok: tok in eos_ids,
+                text_of=lambda r, out_r: detok(anchors[r], out_r),
+                advance=lambda rows, last: self._advance(rows, last, len(ids)))
         dt = time.perf_counter() - t0
         rec = temperature > 0
         return [Generation(text[r], len(t), read[r], len(out[r]), dt, finish[r], tuple(out[r]) if rec else (),
