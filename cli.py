@@ -380,7 +380,7 @@ def train_cmd(
                                         "into a Q8_0 copy of the base, fastest) or adapter (GGUF LoRA over the base)."),
     rollouts: str = typer.Option("batched", "--rollouts", help="batched (a step's rollouts decoded side by side, "
                                  "shared prompts read once) or sequential (one rollout after another)."),
-    update_dtype: str = typer.Option("auto", "--update-dtype", help="Update precision: auto (bf16 autocast where the "
+    update_dtype: str = typer.Option("auto", "--update-dtype", help="SFT and GRPO update precision: auto (bf16 autocast where the "
                                      "CPU has native bf16), bf16 or fp32."),
     grpo_lr: float = typer.Option(5e-5, "--grpo-lr", help="GRPO learning rate."),
     reward: str = typer.Option("", "--reward", help="Reward weights as name=value pairs (defaults: outcome=1,format=0.2,"
@@ -435,7 +435,8 @@ def train_cmd(
 
         res = _run(api.train_policy, questions, cfg, out, index, model=model,
                    lora=LoraSpec(rank, alpha, 0.0, targets),
-                   sft=SFTConfig(epochs=sft_epochs, lr=lr, max_examples=sft_examples, seed=seed) if sft else None,
+                   sft=SFTConfig(epochs=sft_epochs, lr=lr, max_examples=sft_examples, seed=seed,
+                                 update_dtype=update_dtype) if sft else None,
                    grpo=GRPOConfig(steps=steps, questions_per_step=per_step, group_size=group_size, lr=grpo_lr,
                                    loss=loss, kl=kl, temperature=temperature, engine=engine, seed=seed,
                                    rollout_weights=rollout_weights, update_dtype=update_dtype, rollouts=rollouts),

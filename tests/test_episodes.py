@@ -57,3 +57,44 @@ def test_gold_trajectory_runs_through_the_loop(tiny_kb, tmp_path):
         wrong = TinyImageEncoder().encode([tiny_kb / "images" / "wakanda.png"])[0]
         assert gold_episode(q, grammar.render_chatml, lambda s: len(s.split()), idx, Config.resolve(env={}),
                             [Perception("flag", wrong)]) is None
+
+
+def _compare(answer, value):
+    return Question("c1", "<image><image> Which of these two places is part of X?", ("a.jpg", "b.jpg"), answer,
+                    (answer,), "Compare", "String", {"template": "continent", "chain": ["Genovia", "Wakanda", value],
+                                                     "gold_entities": ["Genovia", "Wakanda"],
+                                                     "gold_passages": ["p-genovia", "p-wakanda"]})
+
+
+def test_compare_gold_reads_the_first_passage_before_it_picks(tiny_kb, tmp_path):
+    sync(tmp_path / "idx", KnowledgeBase(tiny_kb), HashTextEncoder(), TinyImageEncoder(), progress=False)
+    embs = TinyImageEncoder().encode([tiny_kb / "images" / "genovia.png", tiny_kb / "images" / "wakanda.png"])
+    perc = [Perception("flag", e) for e in embs]
+    cfg = Config.resolve(env={})
+    with MultimodalIndex(tmp_path / "idx", HashTextEncoder(), TinyImageEncoder()) as idx:
+        # Genovia's passage names Pyrus: the gold reads it and answers Genovia.
+        ep, tr = gold_episode(_compare("Genovia", "Pyrus"), grammar.render_chatml, lambda s: len(s.split()), idx,
+                              cfg, perc)
+        assert [h.action for h in tr.hops] == ["image_search", "image_search", "text_search", "answer"]
+        assert tr.hops[2].argument == "Genovia" and tr.hops[2].results[0]["title"] == "Genovia"
+        assert "Yes, Genovia is part of Pyrus." in policy_turns(ep)[-1]
+        # It does not name Birnin Zana: the gold concludes it is the other one.
+        ep, tr = gold_episode(_compare("Wakanda", "Birnin Zana"), grammar.render_chatml, lambda s: len(s.split()),
+                              idx, cfg, perc)
+        assert tr.answer == "Wakanda" and "No, so it is Wakanda." in policy_turns(ep)[-1]
+        # A label the passage contradicts (Genovia said to be part of Birnin Zana) is not taught.
+        assert gold_episode(_compare("Genovia", "Birnin Zana"), grammar.render_chatml, lambda s: len(s.split()),
+                            idx, cfg, perc) is None
+
+
+def test_larger_population_gold_copies_both_numbers():
+    q = Question("c2", "<image><image> Which of these two countries has the larger population?", ("a.jpg", "b.jpg"),
+                 "Aland", ("Aland",), "Compare", "String",
+                 {"template": "larger-population", "chain": ["Bland", "Aland"], "gold_passages": ["pb", "pa"]})
+    texts = {"pb": "Bland has a population of 3.5 million.", "pa": "Aland has a population of about 14 million."}
+    turns = gold_turns(q, texts.get)
+    assert [t.split("</think>")[1][:13] for t in turns] == ["<image_search"] * 2 + ["<text_search>"] * 2 + ["<answer>Aland"]
+    assert "Bland: 3.5 million, Aland: 14 million. Aland has more." in turns[-1]
+    # Without the numbers there is nothing to compare: no gold trajectory.
+    assert gold_turns(q) is None
+    assert gold_turns(q, {"pb": "Bland is small.", "pa": texts["pa"]}.get) is None

@@ -57,6 +57,9 @@ def test_information_positions_get_zero_gradient(tiny_hf):
                           [("<text_search>x</text_search>", True),
                            ("\n<information>\n[1] X: <answer>y</answer>\n</information>\n", False),
                            ("<answer>y</answer>", True)])
+    import torch
+
+    # Reference: cross-entropy over full-length logits with every non-policy label set to -100.
     captured = {}
 
     def keep(mod, inp, out):
@@ -64,12 +67,28 @@ def test_information_positions_get_zero_gradient(tiny_hf):
         captured["logits"] = out
 
     handle = net.get_output_embeddings().register_forward_hook(keep)
-    masked_loss(net, ep).backward()
+    labels = torch.tensor([[t if m else -100 for t, m in zip(ep.input_ids, ep.loss_mask)]])
+    ref = net(input_ids=torch.tensor([ep.input_ids]), labels=labels).loss
+    ref.backward()
     handle.remove()
     g = captured["logits"].grad[0]
     for t in range(1, len(ep.input_ids)):  # logits at t-1 predict token t
         row_zero = bool((g[t - 1] == 0).all())
         assert row_zero == (ep.loss_mask[t] == 0), t
+    params = [p for p in net.parameters() if p.requires_grad]
+    ref_grads = [p.grad.clone() for p in params]
+    net.zero_grad()
+
+    # The SFT loss feeds the LM head only the rows that predict a policy token, and is that same loss.
+    rows = []
+    handle = net.get_output_embeddings().register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[0]))
+    loss = masked_loss(net, ep)
+    loss.backward()
+    handle.remove()
+    assert rows == [sum(ep.loss_mask[1:])]
+    assert abs(loss.item() - ref.item()) < 1e-5
+    for p, r in zip(params, ref_grads):
+        assert torch.allclose(p.grad, r, atol=1e-6, rtol=1e-4)
     # Only LoRA weights can learn.
     assert all("lora_" in n for n, p in net.named_parameters() if p.requires_grad)
 

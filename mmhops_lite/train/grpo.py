@@ -87,10 +87,12 @@ def native_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def update_bf16(cfg: GRPOConfig) -> bool:
-    if cfg.update_dtype not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"update dtype {cfg.update_dtype!r}: use auto, bf16 or fp32")
-    return cfg.update_dtype == "bf16" or (cfg.update_dtype == "auto" and native_bf16())
+def update_bf16(dtype) -> bool:
+    """Whether an update (GRPO or SFT; a config or its `update_dtype` string) runs its body under bf16 autocast."""
+    dtype = getattr(dtype, "update_dtype", dtype)
+    if dtype not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"update dtype {dtype!r}: use auto, bf16 or fp32")
+    return dtype == "bf16" or (dtype == "auto" and native_bf16())
 
 
 # Under bf16 autocast on a CPU, plain (matmul + softmax) attention runs a rollout's forward and backward faster than

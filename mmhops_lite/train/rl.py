@@ -211,7 +211,8 @@ def run_grpo(net, tok, questions: Sequence[Question], index, cfg: Config, g: GRP
                 loss_sum += float(loss) / n_train
                 stats.append(st)
                 trained += 1
-        parts = dist.gather({"flat": [_summary(tr, r) for _, ro in groups for tr, _, r, _ in ro], "stats": stats,
+        parts = dist.gather({"flat": [{**_summary(tr, r), "split": q.split} for q, ro in groups for tr, _, r, _ in ro],
+                             "stats": stats,
                              "zero": zero_groups, "groups": len(groups), "trained": trained, "loss": loss_sum})
         trained = sum(x["trained"] for x in parts)
         if trained:
@@ -229,7 +230,10 @@ def run_grpo(net, tok, questions: Sequence[Question], index, cfg: Config, g: GRP
         rec = {"phase": "grpo", "step": step + 1, "of": g.steps, "loss": round(sum(x["loss"] for x in parts), 6),
                "reward": mean("total", flat, 4),
                **{f"reward_{k}": mean(k, flat, 4) for k in ("outcome", "format", "action")},
-               "accuracy": mean("correct", flat, 4), "searches": mean("searches", flat, 3),
+               "accuracy": mean("correct", flat, 4),
+               "accuracy_by_split": {sp: mean("correct", [f for f in flat if f["split"] == sp], 4)
+                                     for sp in sorted({f["split"] for f in flat})},
+               "searches": mean("searches", flat, 3),
                "turns": mean("turns", flat, 3), "completion_tokens": mean("generated", flat, 1),
                "entropy": mean("entropy", stats, 4), "kl": mean("kl", stats, 5),
                "importance": mean("importance", stats, 4), "importance_capped": mean("importance_capped", stats, 5),

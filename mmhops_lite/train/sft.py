@@ -15,6 +15,7 @@ from ..types import Question
 from .checkpoint import load_checkpoint, save_checkpoint, trim_log
 from .distributed import Dist
 from .episodes import TokenizedEpisode, gold_episode, tokenize_episode
+from .grpo import update_bf16
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class SFTConfig:
     max_examples: int = 240
     checkpoint_every: int = 10
     seed: int = 0
+    update_dtype: str = "auto"  # auto (bf16 autocast where the CPU has native bf16) | bf16 | fp32, as for GRPO
 
 
 def build_gold_set(questions: Sequence[Question], tokenizer, index, cfg: Config, limit: int, seed: int,
@@ -65,12 +67,13 @@ def build_gold_set(questions: Sequence[Question], tokenizer, index, cfg: Config,
     return out
 
 
-def masked_loss(net, ep: TokenizedEpisode):
-    """Mean cross-entropy over the policy's tokens of one episode (everything else has label -100)."""
-    torch = require("torch", "train")
-    ids = torch.tensor([ep.input_ids])
-    labels = torch.tensor([[t if m else -100 for t, m in zip(ep.input_ids, ep.loss_mask)]])
-    return net(input_ids=ids, labels=labels).loss
+def masked_loss(net, ep: TokenizedEpisode, bf16: bool = False):
+    """Mean cross-entropy over the policy's tokens of one episode. Only the rows that predict a policy token reach
+    the LM head (the prompt and <information> blocks never do); the body runs under bf16 autocast when `bf16`."""
+    from .grpo import policy_logprobs
+
+    logp, _ = policy_logprobs(net, ep, bf16=bf16)
+    return -logp.mean()
 
 
 def run_sft(net, data: list[TokenizedEpisode], out: Path, scfg: SFTConfig, meta: dict,
@@ -82,6 +85,7 @@ def run_sft(net, data: list[TokenizedEpisode], out: Path, scfg: SFTConfig, meta:
     out.mkdir(parents=True, exist_ok=True)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=scfg.lr, weight_decay=0.0)
+    bf16 = update_bf16(scfg.update_dtype)
     steps_per_epoch = (len(data) + scfg.batch_size - 1) // scfg.batch_size
     total = steps_per_epoch * scfg.epochs
     state = load_checkpoint(out / "checkpoint", net, opt) or {"step": 0}
@@ -99,7 +103,7 @@ def run_sft(net, data: list[TokenizedEpisode], out: Path, scfg: SFTConfig, meta:
         opt.zero_grad(set_to_none=True)
         losses = []
         for ep in dist.share(batch):
-            loss = masked_loss(net, ep) / len(batch)
+            loss = masked_loss(net, ep, bf16) / len(batch)
             loss.backward()
             losses.append(float(loss.detach()) * len(batch))
         losses = [x for part in dist.gather(losses) for x in part]
