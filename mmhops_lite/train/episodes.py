@@ -7,6 +7,7 @@ from typing import Sequence
 
 from .. import grammar
 from ..config import Config
+from ..data.synth import population
 from ..loop import Episode, answer
 from ..scoring import normalize
 from ..types import Question
@@ -104,8 +105,6 @@ def gold_turns(q: Question, passage_text=None) -> list[str] | None:
     turns = ["<think>Identify image 1.</think><image_search>1</image_search>",
              f"<think>Image 1 is {a}. Identify image 2.</think><image_search>2</image_search>"]
     if t == "larger-population":
-        from ..data.synth import population
-
         pids = list(q.extra.get("gold_passages", []))
         texts = [passage_text(pid) if passage_text else None for pid in pids[:2]]
         pops = [population(x) if x else None for x in texts]
@@ -144,8 +143,8 @@ def gold_episode(q: Question, tokenizer_render, count_tokens, index, cfg: Config
     tr = answer(q.problem, teacher, index, cfg_gold, perceptions, search_cache=search_cache, episode_out=eps)
     if tr.answer != q.answer:
         return None
-    loop_text = [normalize(t) for t, by_policy in eps[0].segments if not by_policy]
-    info = " ".join(loop_text)
+    blocks = [t for t, by_policy in eps[0].segments if not by_policy]  # what the loop wrote, turn by turn
+    info = normalize(" ".join(blocks))
     # Supported = each image search's top entity is the gold one (the turns name it, so it must have been seen)
     # and, for Bridge, the answer itself was read somewhere.
     seen = [h.results[0]["title"] if h.results else None for h in tr.hops if h.action == "image_search"]
@@ -164,11 +163,8 @@ def gold_episode(q: Question, tokenizer_render, count_tokens, index, cfg: Config
             return None
     if template == "larger-population":
         # Both numbers the reasoning copies must have been read: each text search's block states its entity's.
-        from ..data.synth import population
-
-        blocks = [t for t, by_policy in eps[0].segments if not by_policy][2:4]
         want = [population(passage_text(pid) or "") for pid in list(q.extra.get("gold_passages", []))[:2]]
-        if len(blocks) != 2 or [population(b) for b in blocks] != want:
+        if [population(b) for b in blocks[2:4]] != want:
             return None
     return eps[0], tr
 

@@ -87,9 +87,8 @@ def native_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def update_bf16(dtype) -> bool:
-    """Whether an update (GRPO or SFT; a config or its `update_dtype` string) runs its body under bf16 autocast."""
-    dtype = getattr(dtype, "update_dtype", dtype)
+def update_bf16(dtype: str) -> bool:
+    """Whether an update (GRPO or SFT) with this `update_dtype` runs its body under bf16 autocast."""
     if dtype not in ("auto", "bf16", "fp32"):
         raise ValueError(f"update dtype {dtype!r}: use auto, bf16 or fp32")
     return dtype == "bf16" or (dtype == "auto" and native_bf16())
@@ -202,7 +201,7 @@ def _rollout_loss(net, ep: TokenizedEpisode, adv: float, cfg: GRPOConfig, sample
     """policy_loss of one rollout; `sampler_logprobs` is per position of `ep.input_ids`, the KL reference is the
     base (adapter off) when cfg.kl > 0."""
     torch = require("torch", "train")
-    bf16 = update_bf16(cfg)
+    bf16 = update_bf16(cfg.update_dtype)
     logp, ent = policy_logprobs(net, ep, bf16, start, prefix)
     targets = policy_targets(ep)
     sampler = [sampler_logprobs[t] for t in targets] if sampler_logprobs is not None else None
@@ -249,7 +248,7 @@ def group_backward(net, items: list, cfg: GRPOConfig, scale: float = 1.0, max_to
     gathered are sent back through the prompt's pass once at the end. Gradients equal those of `episode_loss`
     summed over the group (tested)."""
     torch = require("torch", "train")
-    bf16 = update_bf16(cfg)
+    bf16 = update_bf16(cfg.update_dtype)
     eps = [it[0] for it in items]
     start = shared_start(eps) if len(eps) > 1 else 0
     kv, leaves = [], None

@@ -15,7 +15,7 @@ from ..types import Question
 from .checkpoint import load_checkpoint, save_checkpoint, trim_log
 from .distributed import Dist
 from .episodes import TokenizedEpisode, gold_episode, tokenize_episode
-from .grpo import update_bf16
+from .grpo import policy_logprobs, update_bf16
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,6 @@ def build_gold_set(questions: Sequence[Question], tokenizer, index, cfg: Config,
 def masked_loss(net, ep: TokenizedEpisode, bf16: bool = False):
     """Mean cross-entropy over the policy's tokens of one episode. Only the rows that predict a policy token reach
     the LM head (the prompt and <information> blocks never do); the body runs under bf16 autocast when `bf16`."""
-    from .grpo import policy_logprobs
-
     logp, _ = policy_logprobs(net, ep, bf16=bf16)
     return -logp.mean()
 
