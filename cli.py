@@ -41,6 +41,21 @@ app.add_typer(config_app, name="config")
 _state: dict = {"config": None}
 
 
+class _Ticker:
+    """A plain progress line on stderr every few seconds when stderr is not a terminal (a log file, CI, nohup):
+    live bars print nothing there, and a long job would look hung."""
+
+    def __init__(self, every: float = 10.0):
+        self.on, self.every, self.last = not err.is_terminal, every, 0.0
+
+    def __call__(self, text: str, force: bool = False) -> None:
+        import time
+
+        if self.on and (force or time.monotonic() - self.last >= self.every):
+            self.last = time.monotonic()
+            print(f"[progress] {text}", file=sys.stderr, flush=True)
+
+
 def _cfg(**flags) -> Config:
     return Config.resolve({k: v for k, v in flags.items() if v is not None}, _state["config"])
 
@@ -315,11 +330,13 @@ def eval_cmd(
     with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("acc {task.fields[acc]}"),
                   TimeRemainingColumn(), console=err, disable=as_json) as bar:
         task = bar.add_task("eval", total=limit, acc="-")
+        line = _Ticker()
 
         def tick(rec):
             state["n"] += 1
             state["ok"] += rec["correct"]
             bar.update(task, advance=1, acc=f"{state['ok'] / state['n']:.3f}")
+            line(f"eval {state['n']} questions, accuracy {state['ok'] / state['n']:.3f}")
 
         res = _run(api.run_eval, questions, cfg, mode, index, out, limit, on_result=tick)
     if as_json:
@@ -338,18 +355,32 @@ def eval_cmd(
 
 @data_app.command("synth")
 def data_synth(
-    kb_dir: Path = typer.Argument(..., help="KB folder (passages, images, triples)."),
-    out: Path = typer.Option(..., "-o", "--out", help="Folder to write train.jsonl, dev.jsonl and img/."),
+    kb_dir: Path = typer.Argument(..., help="KB folder: passages.jsonl, images.jsonl, optional triples.jsonl."),
+    out: Path = typer.Option(..., "-o", "--out", help="Folder to write train.jsonl, dev.jsonl (ood.jsonl) and img/."),
     dev_fraction: float = typer.Option(0.3, help="Share of image entities held out for dev."),
-    dev_per_template: int = typer.Option(30, help="Cap on dev questions per template (0 = no cap)."),
+    per_relation: int = typer.Option(150, help="Cap on train questions per template and relation (0 = no cap)."),
+    dev_per_template: int = typer.Option(10, help="Cap on dev questions per template and relation (0 = no cap)."),
+    ood_per_template: int = typer.Option(25, help="Cap on out-of-domain questions per template and relation."),
+    holdout: Optional[List[str]] = typer.Option(None, "--holdout", help="Image domain kept out of train/dev and "
+                                                "written to ood.jsonl with held-out wordings: a name from "
+                                                "data/domains.py (astronomy, emoji, flags, stamps) or an image-id "
+                                                "prefix (my for my:xyz). Repeatable."),
     seed: int = typer.Option(0, help="Random seed."),
 ):
-    """Synthesise Bridge (2-3 hops from an image entity) and Compare (two images) questions, with train/dev
-    splits whose image entities are disjoint.
+    """Synthesise checkable questions from any KB: Bridge (image -> entity -> fact, or -> a bridge entity named
+    in its passage -> its fact) and Compare (two images: larger value, same value yes/no, which one has X).
 
-    [bold]Example[/bold]: mmhops-lite data synth ~/demo-kb -o ~/demo-questions
+    Facts come from triples of any relation name and from the passages themselves (numbers with units, years,
+    located in / part of / capital is / designed by ...), so a KB without triples works too. Every answer is
+    stated in the text the chain reads; wordings rotate over each template's list (data/templates.py).
+
+    [bold]Examples[/bold]:
+      mmhops-lite data synth ~/my-kb -o ~/my-questions
+      mmhops-lite data synth ~/demo-kb -o q/ --holdout astronomy     # q/ood.jsonl: a domain never trained on
     """
-    res = _run(api.synth_questions, kb_dir, out, dev_fraction, seed, dev_per_template or None)
+    res = _run(api.synth_questions, kb_dir, out, dev_fraction=dev_fraction, seed=seed,
+               max_per_template=per_relation or None, max_dev_per_template=dev_per_template or None,
+               max_ood_per_template=ood_per_template or None, holdout=tuple(holdout or ()))
     console.print(f"[green]written[/green] {res['out']}: {res['counts']}")
     for side, rows in res["by_template"].items():
         console.print(f"  {side}: {rows}")
@@ -381,7 +412,7 @@ def train_cmd(
     rollouts: str = typer.Option("batched", "--rollouts", help="batched (a step's rollouts decoded side by side, "
                                  "shared prompts read once) or sequential (one rollout after another)."),
     update_dtype: str = typer.Option("auto", "--update-dtype", help="SFT and GRPO update precision: auto (bf16 autocast where the "
-                                     "CPU has native bf16), bf16 or fp32."),
+                                     "CPU has AMX bf16 tiles), bf16 or fp32."),
     grpo_lr: float = typer.Option(5e-5, "--grpo-lr", help="GRPO learning rate."),
     reward: str = typer.Option("", "--reward", help="Reward weights as name=value pairs (defaults: outcome=1,format=0.2,"
                                "action=0.3,f1=0,coverage=0; f1=1 gives wrong string answers token-F1 credit, "
@@ -409,29 +440,37 @@ def train_cmd(
     cfg = _run(_cfg, **{"model.policy": model})
     weights = _run(Weights.parse, reward)
     if questions is None:
-        questions = api.demo_paths()[0].parent / "questions" / "train.jsonl"
-        if not questions.is_file():
-            _run(api.ensure_demo_index, cfg)
-            _run(api.synth_questions, api.demo_paths()[0], questions.parent)
+        questions = _run(api.demo_questions, cfg) / "train.jsonl"
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err) as bar:
         tasks: dict = {}
+        tick = _Ticker()
 
         def on_event(kind, p):
             if kind == "gold":
+                tick(f"gold trajectories {p['n']}/{p['total']}")
                 tasks.setdefault("gold", bar.add_task("gold trajectories", total=p["total"], info=""))
                 bar.update(tasks["gold"], completed=p["n"])
             elif kind == "step" and p["phase"] == "sft":
                 tasks.setdefault("sft", bar.add_task("sft", total=p["of"], info=""))
                 bar.update(tasks["sft"], completed=p["step"], info=f"loss {p['loss']:.3f} {p['seconds']:.1f}s/step")
+                tick(f"sft step {p['step']}/{p['of']} loss {p['loss']:.3f} {p['seconds']:.1f}s/step")
             elif kind == "step":
                 tasks.setdefault("grpo", bar.add_task("grpo", total=p["of"], info=""))
-                bar.update(tasks["grpo"], completed=p["step"], info=f"reward {p['reward']:.2f} acc {p['accuracy']:.2f} "
-                           f"searches {p['searches']:.1f} {p['seconds']:.0f}s/step")
+                info = f"reward {p['reward']:.2f} acc {p['accuracy']:.2f} searches {p['searches']:.1f} {p['seconds']:.0f}s/step"
+                bar.update(tasks["grpo"], completed=p["step"], info=info)
+                tick(f"grpo step {p['step']}/{p['of']} {info}", force=True)
             elif kind == "warning":
                 bar.console.print(f"[bold yellow]warning:[/bold yellow] {p['text']}")
+            elif kind == "gold-report":
+                bar.console.print(f"gold trajectories: {p['found']} of {p['tried']} questions tried (template "
+                                  f"{p['from_template']}, discovered {p['discovered']}, rejection-sampled "
+                                  f"{p['sampled']}); none for: {p['failed'] or '-'}", highlight=False)
+            elif kind == "phase" and p["name"] == "rejection sampling":
+                bar.console.print(f"rejection sampling: the starting policy answers {p['questions']} questions "
+                                  "without a trajectory", highlight=False)
 
         res = _run(api.train_policy, questions, cfg, out, index, model=model,
                    lora=LoraSpec(rank, alpha, 0.0, targets),
@@ -572,7 +611,8 @@ def models_verify(names: Optional[List[str]] = typer.Argument(None, help="Models
         console.print_json(json.dumps([r.__dict__ for r in res]))
     else:
         for r in res:
-            mark = "[green]ok[/green]" if r.ok else f"[red]{r.status}[/red]"
+            mark = ("[yellow]optional[/yellow]" if r.status == "optional" else "[green]ok[/green]") if r.ok \
+                else f"[red]{r.status}[/red]"
             console.print(f"{mark:>20}  {r.name:32} {r.message}" + (f"\n{'':22}install: {r.install}" if r.install else ""))
     if not all(r.ok for r in res):
         raise typer.Exit(1)

@@ -7,7 +7,7 @@ episodes, in the same order:
   full-fp32   the whole sequence through the LM head, non-policy labels set to -100 (the textbook formula);
   rows-fp32   only the rows that predict a policy token reach the LM head (what `train --sft` runs in fp32);
   rows-bf16   the same under bf16 autocast with plain attention for short sequences (the default where the CPU
-              has native bf16).
+              has AMX bf16 tiles).
 Prints seconds per step (median), policy tokens per second and each variant's speed relative to full-fp32, and
 the first step's loss of each (the three must agree to bf16 precision).
 """
@@ -47,7 +47,7 @@ def main() -> None:
     cfg = Config.resolve()
     threads = cfg.model.threads or free_cores()
     print(f"data: {data_file} ({len(eps)} episodes, mean {statistics.mean(len(e.input_ids) for e in eps):.0f} tokens, "
-          f"{statistics.mean(e.policy_tokens for e in eps):.0f} policy tokens); threads {threads}; native bf16: "
+          f"{statistics.mean(e.policy_tokens for e in eps):.0f} policy tokens); threads {threads}; AMX bf16: "
           f"{native_bf16()}", flush=True)
 
     def full_fp32(net, ep):

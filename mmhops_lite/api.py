@@ -79,10 +79,13 @@ def ensure_demo_index(cfg: Config, progress: bool = True) -> Path:
     """Build the demo KB and its index on first use (both steps resume if interrupted)."""
     import json
 
-    from .data.demo_kb import build_demo_kb
+    from .data.demo_kb import KB_VERSION, build_demo_kb
 
     kb, idx = demo_paths()
-    if not (kb / "manifest.json").is_file():
+    kb_man = kb / "manifest.json"
+    version = json.loads(kb_man.read_text(encoding="utf-8")).get("format_version") if kb_man.is_file() else None
+    rebuilt = version != KB_VERSION
+    if rebuilt:  # first use, or a KB built by an older release (fewer domains): the index sync reuses the rest
         build_demo_kb(kb, progress=progress)
     man = idx / "manifest.json"
     stale = False
@@ -90,8 +93,8 @@ def ensure_demo_index(cfg: Config, progress: bool = True) -> Path:
         built = json.loads(man.read_text(encoding="utf-8")).get("encoders", {})
         stale = built.get("images", {}).get("id") != image_encoder(cfg).id or \
             built.get("passages", {}).get("id") != text_encoder(cfg).id
-    if stale or not man.is_file():
-        build_index(kb, idx, cfg, progress=progress, reencode=True)
+    if stale or rebuilt or not man.is_file():
+        build_index(kb, idx, cfg, progress=progress, reencode=stale)
     return idx
 
 
@@ -185,12 +188,27 @@ def run_eval(questions_file: str | Path, cfg: Config, mode: str, index: str | Pa
     return result
 
 
-def synth_questions(kb_dir: str | Path, out_dir: str | Path, dev_fraction: float = 0.3, seed: int = 0,
-                    max_dev_per_template: int | None = 30) -> dict:
-    """Synthesise train/dev question files from a KB folder."""
+def synth_questions(kb_dir: str | Path, out_dir: str | Path, *, dev_fraction: float = 0.3, seed: int = 0,
+                    max_per_template: int | None = 150, max_dev_per_template: int | None = 10,
+                    holdout: tuple[str, ...] = (), max_ood_per_template: int | None = 25) -> dict:
+    """Synthesise train/dev (and out-of-domain) question files from a KB folder."""
     from .data.synth import synthesize
 
-    return synthesize(kb_dir, out_dir, dev_fraction=dev_fraction, seed=seed, max_dev_per_template=max_dev_per_template)
+    return synthesize(kb_dir, out_dir, dev_fraction=dev_fraction, seed=seed, max_per_template=max_per_template,
+                      max_dev_per_template=max_dev_per_template, holdout=holdout,
+                      max_ood_per_template=max_ood_per_template)
+
+
+DEMO_HOLDOUT = ("astronomy",)  # the demo's out-of-domain image domain: never trained on, asked in held-out wordings
+
+
+def demo_questions(cfg: Config, progress: bool = True) -> Path:
+    """The demo's question folder (train, dev, and ood for the held-out domain), synthesised on first use."""
+    folder = demo_paths()[0].parent / "questions"
+    if not (folder / "ood.jsonl").is_file():
+        ensure_demo_index(cfg, progress=progress)
+        synth_questions(demo_paths()[0], folder, holdout=DEMO_HOLDOUT)
+    return folder
 
 
 def demo_question(cfg: Config) -> tuple[Path, str]:

@@ -30,7 +30,11 @@ def evaluate(questions: Sequence[Question], generator, index, image_encoder, cfg
         rec = {"id": q.id, "split": q.split, "problem_type": q.problem_type, "prediction": tr.answer,
                "answer": q.answer, "correct": score(tr.answer, q.answer_eval, q.problem_type),
                "turns": len(tr.hops), "searches": searches, "seconds": round(time.perf_counter() - t0, 3),
-               "template": q.extra.get("template"), "actions": [h.action for h in tr.hops]}
+               "template": q.extra.get("template"), "actions": [h.action for h in tr.hops],
+               # the trace itself, so a failure can be read without running the question again
+               "hops": [{"action": h.action, "argument": h.argument, "think": h.think,
+                         "results": [{k: r[k] for k in ("id", "title", "score") if k in r} for r in h.results]}
+                        for h in tr.hops]}
         records.append(rec)
         if on_result:
             on_result(rec)

@@ -122,6 +122,8 @@ def verify(spec: ModelSpec) -> Verified:
     """Check that a model's files are installed and match their recorded sha256."""
     paths = _file_paths(spec)
     missing = [f for f, p in zip(spec.files, paths) if p is None or not p.is_file()]
+    if missing and not spec.default and spec.role == "policy":  # a preset: installed on request (setup.sh --qwen)
+        return Verified(spec.name, True, "optional", None, "optional preset, not installed", spec.install)
     if missing:
         return Verified(spec.name, False, "missing", None,
                         f"not installed (missing {', '.join(missing)})", spec.install)

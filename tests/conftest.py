@@ -44,6 +44,51 @@ def tiny_kb(tmp_path):
     return kb
 
 
+PROSE = {  # a KB with passages and image titles only (no triples): every fact must be mined from the text
+    "Zorg Tower": "Zorg Tower is a lattice tower located in Freedonia. It was completed in 1889. It has a height of "
+                  "312 metres.",
+    "Blip Bridge": "Blip Bridge is a suspension bridge located in Sylvania. It was opened in 1937. It has a height "
+                   "of 227 metres.",
+    "Mirth Castle": "Mirth Castle is a medieval castle located in Freedonia. It was built in 1102.",
+    "Quill Dome": "Quill Dome is a baroque cathedral located in Latveria. It was completed in 1710. It has a height "
+                  "of 111 metres.",
+    "Oaken Gate": "Oaken Gate is a stone monument located in Sylvania. It was erected in 1791.",
+    "Pell Spire": "Pell Spire is a gothic tower located in Latveria. It was built in 1421. It has a height of 95 "
+                  "metres.",
+    "Freedonia": "Freedonia is a country in Europa. Its capital is Fredville. It has a population of 2.5 million.",
+    "Sylvania": "Sylvania is a country in Europa. Its capital is Sylport. It has a population of 7.1 million.",
+    "Latveria": "Latveria is a country in Asiana. Its capital is Doomstadt. It has a population of 0.9 million.",
+    "Fredville": "Fredville is the capital city of Freedonia. It was founded in 1204.",
+    "Sylport": "Sylport is the capital city of Sylvania. It was founded in 1350.",
+    "Doomstadt": "Doomstadt is the capital city of Latveria. It was founded in 1501.",
+    "Europa": "Europa is a continent of many small countries.",
+    "Asiana": "Asiana is a continent of steppes and mountains.",
+}
+MONUMENTS = ["Zorg Tower", "Blip Bridge", "Mirth Castle", "Quill Dome", "Oaken Gate", "Pell Spire"]
+
+
+@pytest.fixture
+def prose_kb(tmp_path):
+    """Monuments in images, countries and cities in text only; no triples.jsonl."""
+    from PIL import Image, ImageDraw
+
+    kb = tmp_path / "prose-kb"
+    (kb / "images").mkdir(parents=True)
+    passages = [{"id": f"w-{i}", "title": t, "text": x, "source": "test"} for i, (t, x) in enumerate(PROSE.items())]
+    passages += [{"id": f"filler-{j}", "title": f"Topic {j}", "text": f"Filler passage {j} about rivers and bread.",
+                  "source": "test"} for j in range(20)]
+    images = []
+    for i, t in enumerate(MONUMENTS):
+        im = Image.new("RGB", (96, 64), ((40 * i) % 255, (90 * i + 30) % 255, (150 + 17 * i) % 255))
+        ImageDraw.Draw(im).ellipse([5 + 9 * i, 5, 40 + 9 * i, 55], fill=(255 - 40 * i % 255, 20 * i, 200))
+        name = t.lower().replace(" ", "-")
+        im.save(kb / "images" / f"{name}.png")
+        images.append({"id": f"mon:{name}", "path": f"images/{name}.png", "title": t, "caption": ""})
+    for name, rows in (("passages", passages), ("images", images)):
+        (kb / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return kb
+
+
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory):
     """A 2-layer random Llama GGUF with the packaged SmolLM2 tokenizer and chat template."""

@@ -59,7 +59,15 @@ def sources(tmp_path) -> DemoSources:
     turkey.with_suffix(".txt").write_text("A turkey.\n", encoding="utf-8")
     (stamps / "animals" / "birds" / "only_svg.svg").write_text("<svg/>", encoding="utf-8")
     (stamps / "animals" / "birds" / "only_svg.txt").write_text("A bird.\n", encoding="utf-8")
-    return DemoSources(summaries=summaries, kgeography_root=kgeo, stamps_root=stamps)
+    # The two newer domains are faked empty here (tests/test_domains.py covers them): a font whose only emoji has
+    # no article, and a Stellarium tree without images.
+    from test_domains import _fake_font
+
+    sky = tmp_path / "stellarium"
+    for sub in ("textures", "nebulae/default", "skycultures/western"):
+        (sky / sub).mkdir(parents=True)
+    return DemoSources(summaries=summaries, kgeography_root=kgeo, stamps_root=stamps,
+                       emoji_font=_fake_font(tmp_path / "emoji.ttf", [(0x1F600, 0x1F600)]), stellarium_root=sky)
 
 
 def _rows(path: Path) -> list[dict]:

@@ -1,5 +1,7 @@
 """Training data from episodes: masks follow what the policy wrote, never token ids (pad == eos safe)."""
 
+from dataclasses import replace
+
 import pytest
 from fakes import HashTextEncoder, TinyImageEncoder
 
@@ -8,7 +10,8 @@ from mmhops_lite.config import Config
 from mmhops_lite.index import KnowledgeBase, MultimodalIndex, sync
 from mmhops_lite.loop import Perception
 from mmhops_lite.train.episodes import gold_episode, gold_turns, policy_turns, tokenize_episode
-from mmhops_lite.types import Question
+from mmhops_lite.data.questions import load_questions
+from mmhops_lite.types import Question  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -40,61 +43,73 @@ def test_mask_covers_exactly_the_policy_text(smol_tokenizer):
     assert tok.eos_token_id in info_ids
 
 
-def test_gold_trajectory_runs_through_the_loop(tiny_kb, tmp_path):
-    sync(tmp_path / "idx", KnowledgeBase(tiny_kb), HashTextEncoder(), TinyImageEncoder(), progress=False)
-    emb = TinyImageEncoder().encode([tiny_kb / "images" / "genovia.png"])[0]
-    q = Question("b1", "<image> What is the capital of the country whose flag is shown?", ("x.jpg",), "Pyrus",
-                 ("Pyrus",), "Bridge", "String", {"template": "capital", "chain": ["Genovia", "Pyrus"],
-                                                  "gold_entities": ["Genovia"], "gold_passages": ["p-genovia"]})
-    assert len(gold_turns(q)) == 3
-    with MultimodalIndex(tmp_path / "idx", HashTextEncoder(), TinyImageEncoder()) as idx:
-        ep, tr = gold_episode(q, grammar.render_chatml, lambda s: len(s.split()), idx, Config.resolve(env={}),
-                              [Perception("flag", emb)])
-        assert [h.action for h in tr.hops] == ["image_search", "text_search", "answer"]
-        assert tr.hops[0].results[0]["title"] == "Genovia"
-        assert policy_turns(ep) == gold_turns(q)
-        # An unsupported chain (the image shows another country) is dropped, not taught.
-        wrong = TinyImageEncoder().encode([tiny_kb / "images" / "wakanda.png"])[0]
-        assert gold_episode(q, grammar.render_chatml, lambda s: len(s.split()), idx, Config.resolve(env={}),
-                            [Perception("flag", wrong)]) is None
+def _synth_index(kb, tmp_path):
+    from mmhops_lite.data.synth import synthesize
+
+    synthesize(kb, tmp_path / "q", dev_fraction=0.0, seed=3, max_per_template=None)
+    sync(tmp_path / "idx", KnowledgeBase(kb), HashTextEncoder(), TinyImageEncoder(), progress=False)
+    return load_questions(tmp_path / "q" / "train.jsonl")
 
 
-def _compare(answer, value):
-    return Question("c1", "<image><image> Which of these two places is part of X?", ("a.jpg", "b.jpg"), answer,
-                    (answer,), "Compare", "String", {"template": "continent", "chain": ["Genovia", "Wakanda", value],
-                                                     "gold_entities": ["Genovia", "Wakanda"],
-                                                     "gold_passages": ["p-genovia", "p-wakanda"]})
+def _perceive(kb, q):
+    """The KB image of each gold entity, as the perception of the question's images."""
+    names = {e: kb / "images" / (e.lower().replace(" ", "-") + ".png") for e in q.extra["gold_entities"]}
+    embs = TinyImageEncoder().encode([names[e] for e in q.extra["gold_entities"][: len(q.images)]])
+    return [Perception("a monument", e) for e in embs]
 
 
-def test_compare_gold_reads_the_first_passage_before_it_picks(tiny_kb, tmp_path):
-    sync(tmp_path / "idx", KnowledgeBase(tiny_kb), HashTextEncoder(), TinyImageEncoder(), progress=False)
-    embs = TinyImageEncoder().encode([tiny_kb / "images" / "genovia.png", tiny_kb / "images" / "wakanda.png"])
-    perc = [Perception("flag", e) for e in embs]
+def test_gold_trajectories_of_every_template_run_through_the_loop(prose_kb, tmp_path):
+    qs = _synth_index(prose_kb, tmp_path)
     cfg = Config.resolve(env={})
+    kept = {}
     with MultimodalIndex(tmp_path / "idx", HashTextEncoder(), TinyImageEncoder()) as idx:
-        # Genovia's passage names Pyrus: the gold reads it and answers Genovia.
-        ep, tr = gold_episode(_compare("Genovia", "Pyrus"), grammar.render_chatml, lambda s: len(s.split()), idx,
-                              cfg, perc)
-        assert [h.action for h in tr.hops] == ["image_search", "image_search", "text_search", "answer"]
-        assert tr.hops[2].argument == "Genovia" and tr.hops[2].results[0]["title"] == "Genovia"
-        assert "Yes, Genovia is part of Pyrus." in policy_turns(ep)[-1]
-        # It does not name Birnin Zana: the gold concludes it is the other one.
-        ep, tr = gold_episode(_compare("Wakanda", "Birnin Zana"), grammar.render_chatml, lambda s: len(s.split()),
-                              idx, cfg, perc)
-        assert tr.answer == "Wakanda" and "No, so it is Wakanda." in policy_turns(ep)[-1]
-        # A label the passage contradicts (Genovia said to be part of Birnin Zana) is not taught.
-        assert gold_episode(_compare("Genovia", "Birnin Zana"), grammar.render_chatml, lambda s: len(s.split()),
-                            idx, cfg, perc) is None
+        for q in qs:
+            got = gold_episode(q, grammar.render_chatml, lambda s: len(s.split()), idx, cfg, _perceive(prose_kb, q))
+            if got:
+                ep, tr = got
+                assert tr.answer == q.answer and policy_turns(ep) == gold_turns(q)
+                kept.setdefault(q.extra["template"], (q, tr))
+    assert set(kept) == {"fact", "number", "year", "bridge", "more", "same", "pick"}
+    q, tr = kept["bridge"]  # 3 hops: image -> monument -> the country its passage names -> that country's fact
+    assert [h.action for h in tr.hops] == ["image_search", "text_search", "text_search", "answer"]
+    assert tr.hops[2].argument.startswith(q.extra["slots"]["M"])
+    q, tr = kept["more"]  # both numbers were read before the pick
+    assert [h.action for h in tr.hops] == ["image_search"] * 2 + ["text_search"] * 2 + ["answer"]
 
 
-def test_larger_population_gold_copies_both_numbers():
-    q = Question("c2", "<image><image> Which of these two countries has the larger population?", ("a.jpg", "b.jpg"),
-                 "Aland", ("Aland",), "Compare", "String",
-                 {"template": "larger-population", "chain": ["Bland", "Aland"], "gold_passages": ["pb", "pa"]})
-    texts = {"pb": "Bland has a population of 3.5 million.", "pa": "Aland has a population of about 14 million."}
-    turns = gold_turns(q, texts.get)
-    assert [t.split("</think>")[1][:13] for t in turns] == ["<image_search"] * 2 + ["<text_search>"] * 2 + ["<answer>Aland"]
-    assert "Bland: 3.5 million, Aland: 14 million. Aland has more." in turns[-1]
-    # Without the numbers there is nothing to compare: no gold trajectory.
-    assert gold_turns(q) is None
-    assert gold_turns(q, {"pb": "Bland is small.", "pa": texts["pa"]}.get) is None
+def test_unsupported_gold_is_dropped(prose_kb, tmp_path):
+    qs = _synth_index(prose_kb, tmp_path)
+    cfg = Config.resolve(env={})
+    q = next(q for q in qs if q.extra["template"] == "bridge")
+    other = next(m for m in ("Zorg Tower", "Blip Bridge", "Quill Dome") if m != q.extra["gold_entities"][0])
+    wrong = TinyImageEncoder().encode([prose_kb / "images" / (other.lower().replace(" ", "-") + ".png")])[0]
+    with MultimodalIndex(tmp_path / "idx", HashTextEncoder(), TinyImageEncoder()) as idx:
+        # the image shows another monument: the turns name an entity the loop never saw
+        assert gold_episode(q, grammar.render_chatml, lambda s: len(s.split()), idx, cfg,
+                            [Perception("x", wrong)]) is None
+        # a "pick" whose stated value the first passage contradicts is not taught
+        pick = next(q for q in qs if q.extra["template"] == "pick")
+        bad = replace(pick, extra={**pick.extra, "slots": {**pick.extra["slots"], "va": "Atlantis"}})
+        assert gold_episode(bad, grammar.render_chatml, lambda s: len(s.split()), idx, cfg,
+                            _perceive(prose_kb, pick)) is None
+
+
+def test_plain_question_file_gets_discovered_trajectories(prose_kb, tmp_path, smol_tokenizer):
+    """An MMhops-schema file without template or chain fields still yields SFT data (discovery through the real
+    loop, from the questions' own perturbed images), and the report says why the others got none."""
+    from mmhops_lite.train.sft import GoldReport, build_gold_set
+
+    qs = _synth_index(prose_kb, tmp_path)
+    plain = [replace(q, extra={}) for q in qs if q.split == "Bridge"]
+    unanswerable = replace(plain[0], id="nowhere", answer="Atlantis", answer_eval=("Atlantis",),
+                           problem_type="String")
+    report = GoldReport()
+    with MultimodalIndex(tmp_path / "idx", HashTextEncoder(), TinyImageEncoder()) as idx:
+        data = build_gold_set(plain + [unanswerable], smol_tokenizer, idx,
+                              Config.resolve({"encoders.ocr": False}, env={}), limit=500, seed=0, report=report)
+    assert report.from_template == 0 and report.discovered == len(data)
+    assert report.discovered >= 0.6 * len(plain), report.to_dict()
+    assert report.missed["nowhere"] == "answer not in KB text"
+    assert report.to_dict()["found"] + sum(report.to_dict()["failed"].values()) == report.tried == len(plain) + 1
+    for ep in data:  # every trajectory teaches actions and masks what the loop wrote
+        assert ep.policy_tokens > 0 and ep.prompt_len < len(ep.input_ids)

@@ -44,8 +44,8 @@ def test_verify_reports_missing_and_mismatch(tmp_path, monkeypatch):
             "packages": [{"name": "fakepkg", "version": "1", "module": "fakepkg"}], "files": ["w.bin"],
             "size": 7, "sha256": "0" * 64, "license": "MIT", "install": "pip install fakepkg"}
     (models / "fake.json").write_text(json.dumps(good))
-    missing = dict(good, name="gone", packages=[{"name": "gone", "version": "1", "module": "gone_pkg_xyz"}],
-                   install="pip install gone")
+    missing = dict(good, name="gone", role="text_encoder",
+                   packages=[{"name": "gone", "version": "1", "module": "gone_pkg_xyz"}], install="pip install gone")
     (models / "gone.json").write_text(json.dumps(missing))
     specs = registry.manifests(models)
     v = registry.verify(specs["fake"])
@@ -56,6 +56,10 @@ def test_verify_reports_missing_and_mismatch(tmp_path, monkeypatch):
     assert registry.verify(registry.manifests(models)["fake"]).ok
     v = registry.verify(specs["gone"])
     assert not v.ok and v.status == "missing" and v.install == "pip install gone"
+    # A policy preset that is not the default is optional: missing, it does not fail `models verify`.
+    (models / "preset.json").write_text(json.dumps(dict(missing, name="preset", role="policy", default=False)))
+    v = registry.verify(registry.manifests(models)["preset"])
+    assert v.ok and v.status == "optional" and v.install == "pip install gone"
 
 
 def test_split_model_is_joined_once(tmp_path, monkeypatch):

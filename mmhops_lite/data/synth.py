@@ -1,20 +1,31 @@
-"""Synthesise checkable multi-hop questions from a KB folder: Bridge chains from an image entity through
-triples and passages, and Compare questions over two image entities on a shared attribute."""
+"""Synthesise checkable multi-hop questions from any KB folder, by the template table (data/templates.py).
+
+Facts come from triples of any relation name and, for every entity, from its own passage (data/facts.py), so a
+KB with passages and image titles alone yields questions too. Bridge chains go image -> entity -> (a bridge entity
+named in its passage ->) a fact; Compare questions pair two image entities on a shared attribute. Wordings are
+drawn in turn from the template's list, with the KB's own type words ("this moon"); image domains named in
+`holdout` (by name, e.g. "astronomy" for ids `astro:...`; see data/domains.py) never reach train/dev and are written as an out-of-domain set
+asked with the held-out wordings only."""
 from __future__ import annotations
 
 import hashlib
 import io
 import random
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from ..errors import InputError
 from ..index.kb import KnowledgeBase
+from ..scoring import normalize
+from .domains import domain_of
+from .facts import Fact, TitleIndex, describe_number, mine, triple_facts, type_word
 from .questions import write_questions
+from .templates import TEMPLATES, THESE, THIS, fill, plural
 
-_POP = re.compile(r"population of (?:about |over |approximately |around |nearly |more than |roughly )?"
-                  r"(\d[\d.,]*)\s*(million|billion)", re.I)
+_KIND_TEMPLATE = {"entity": "fact", "string": "fact", "number": "number", "year": "year"}
+# Relations that place an entity: a question names them by the place's own type ("the country of this tower").
+PLACE_RELATIONS = {"location", "part of", "continent", "native region"}
 
 
 def _dev(title: str, dev_fraction: float) -> bool:
@@ -42,132 +53,217 @@ def perturb(src: Path, dst: Path, rng: random.Random) -> None:
     dst.write_bytes(buf.getvalue())
 
 
-def population(text: str) -> float | None:
-    """Population stated in a passage, if it says 'population of N million/billion'.
-
-    >>> population("It has a population of about 67.8 million people.")
-    67800000.0
-    """
-    m = _POP.search(text)
-    if not m:
-        return None
-    try:
-        return float(m.group(1).replace(",", "")) * (1e6 if m.group(2).lower() == "million" else 1e9)
-    except ValueError:
-        return None
+def display(title: str) -> str:
+    """A KB title as an answer names it: without its qualifier ("Io (moon)" -> "Io")."""
+    return re.sub(r"\s*\([^)]*\)$", "", title) or title
 
 
-def _sides(pool: list[str], dev_fraction: float) -> list[list[str]]:
-    """Split a pool of entity titles into its train and dev parts (pairs never straddle the split)."""
-    return [[t for t in pool if not _dev(t, dev_fraction)], [t for t in pool if _dev(t, dev_fraction)]]
+def _named(title: str) -> tuple[str, list]:
+    """An entity as an answer: its display name, and both spellings accepted."""
+    short = display(title)
+    return short, [short] + ([title] if short != title else [])
 
 
-def _pairs(pool: list[str], rng: random.Random, rounds: int) -> list[tuple[str, str]]:
-    """Distinct random pairs, each entity in at most `rounds` pairs."""
-    out, seen = [], set()
-    for _ in range(rounds):
-        order = pool[:]
-        rng.shuffle(order)
-        for a, b in zip(order[::2], order[1::2]):
-            key = tuple(sorted((a, b)))
-            if key not in seen:
-                seen.add(key)
-                out.append((a, b))
-    return out
+def _answer(f: Fact) -> tuple[str, list, str]:
+    """(answer, answer_eval, problem_type) of a fact."""
+    if f.kind == "number":
+        v = float(f.value)
+        return describe_number(v), [round(v * 0.9, 6), round(v * 1.1, 6)], "Numerical"
+    if f.kind == "year":
+        return f.value, [f.value], "Time"
+    return (*_named(f.value), "String")
+
+
+class _Writer:
+    """Collects questions per side, balancing wordings and capping each (template, relation)."""
+
+    def __init__(self, kb: KnowledgeBase, out: Path, rng: random.Random, caps: dict):
+        self.kb, self.out, self.rng, self.caps = kb, out, rng, caps
+        self.rows: dict[str, list] = defaultdict(list)
+        self.count: Counter = Counter()
+        self.per_rel: Counter = Counter()
+        self.order: dict = {}
+
+    def wording(self, side: str, template: str) -> tuple[int, str]:
+        t = TEMPLATES[template]
+        pool = t.heldout if side == "ood" else t.wordings
+        key = (side, template)
+        if key not in self.order:
+            self.order[key] = self.rng.sample(range(len(pool)), len(pool))
+        i = self.order[key][self.count[key] % len(pool)]
+        return i, pool[i]
+
+    def add(self, side: str, template: str, relation: str, images: list, slots: dict, answer: str, answer_eval: list,
+            ptype: str, chain: list, gold_passages: list, domain: str) -> bool:
+        cap = self.caps.get(side)
+        if cap and self.per_rel[(side, template, relation)] >= cap:
+            return False
+        t = TEMPLATES[template]
+        wi, wording = self.wording(side, template)
+        self.count[(side, template)] += 1
+        self.per_rel[(side, template, relation)] += 1
+        n = self.count[(side, template)]
+        qid = f"{side[0]}-{template}-{n:04d}"
+        paths = []
+        for j, im in enumerate(images):
+            rel_path = f"img/{qid}-{j + 1}.jpg"
+            perturb(self.kb.image_path(im), self.out / rel_path, self.rng)
+            paths.append(rel_path)
+        marker = "<image>" * len(images)
+        slots = {**slots, "ans": answer}
+        self.rows[side].append({
+            "id": qid, "problem": f"{marker} {fill(wording, slots)}", "images": paths, "answer": answer,
+            "answer_eval": answer_eval, "split": t.split, "problem_type": ptype, "template": template,
+            "relation": relation, "wording": wi, "domain": domain, "gold_entities": chain[: max(1, len(images))],
+            "chain": chain, "gold_passages": gold_passages, "slots": slots})
+        return True
 
 
 def synthesize(kb_dir: str | Path, out_dir: str | Path, dev_fraction: float = 0.3, seed: int = 0,
-               max_per_template: int | None = None, max_dev_per_template: int | None = 30) -> dict:
-    """Write out_dir/train.jsonl, out_dir/dev.jsonl and out_dir/img/; returns counts per split and template."""
+               max_per_template: int | None = 150, max_dev_per_template: int | None = 10,
+               holdout: tuple[str, ...] = (), max_ood_per_template: int | None = 25) -> dict:
+    """Write out_dir/{train,dev}.jsonl (and ood.jsonl for held-out domains) with images under out_dir/img/.
+    The caps count questions per (template, relation) and side. Returns counts per side and template."""
     kb = KnowledgeBase(kb_dir, check_images=False)
     out = Path(out_dir)
     rng = random.Random(seed)
     by_title = {}
     for p in kb.passages:
         by_title.setdefault(p.title, p)
-    rel = defaultdict(dict)
-    for t in kb.triples:
-        rel[t.relation].setdefault(t.subject, t.object)
-    images = defaultdict(list)
+    images, domains = defaultdict(list), defaultdict(set)
     for im in kb.images:
         if im.title in by_title:
             images[im.title].append(im)
+            domains[im.title].add(domain_of(im.id))
     if not images:
         raise InputError(f"no image in {kb.root} has a passage with its title", path=kb.root,
                          fix="give images.jsonl titles that match passages.jsonl titles")
-    qs: dict[str, list] = {"train": [], "dev": []}
-    counter = defaultdict(int)
+    titles = TitleIndex(by_title)
+    extra = defaultdict(list)
+    for f in triple_facts(kb.triples, {t: p.text for t, p in by_title.items()}, set(by_title)):
+        extra[f.subject].append(f)
+    cache: dict[str, dict[str, Fact]] = {}
 
-    def add(template, split_type, ptype, problem, imgs, answer, answer_eval, chain, gold_passages):
-        side = "dev" if any(_dev(t, dev_fraction) for t in chain[: len(imgs)]) else "train"
-        if len(imgs) > 1 and len({_dev(t, dev_fraction) for t in chain[: len(imgs)]}) > 1:
-            return  # a comparison that straddles the split would leak entities
-        key = (side, template)
-        cap = max_dev_per_template if side == "dev" else max_per_template
-        if cap and counter[key] >= cap:
-            return
-        counter[key] += 1
-        qid = f"{side[0]}-{template}-{counter[key]:04d}"
-        paths = []
-        for j, im in enumerate(imgs):
-            rel_path = f"img/{qid}-{j + 1}.jpg"
-            perturb(kb.image_path(im), out / rel_path, rng)
-            paths.append(rel_path)
-        qs[side].append({"id": qid, "problem": problem, "images": paths, "answer": answer,
-                         "answer_eval": answer_eval, "split": split_type, "problem_type": ptype,
-                         "template": template, "gold_entities": chain[: len(imgs)] if len(imgs) > 1 else chain[:1],
-                         "chain": chain, "gold_passages": gold_passages})
+    def facts(title: str) -> dict[str, Fact]:
+        if title not in cache:
+            got = {f.relation: f for f in extra.get(title, [])}  # triples first: the KB's own relation names
+            for f in mine(title, by_title[title].text, titles):
+                got.setdefault(f.relation, f)
+            cache[title] = got
+        return cache[title]
 
-    titles = sorted(images)
-    rng.shuffle(titles)
-    for title in titles:
-        im = rng.choice(images[title])
-        p = by_title[title]
-        cap = rel["capital"].get(title)
-        if cap and cap in p.text:
-            add("capital", "Bridge", "String", "<image> What is the capital of the country or region whose flag "
-                "or picture is shown?", [im], cap, [cap], [title, cap], [p.id])
-        parent = rel["part of"].get(title)
-        pcap = rel["capital"].get(parent) if parent else None
-        if parent and parent != title and parent in by_title and pcap and pcap in by_title[parent].text \
-                and parent in p.text:
-            add("parent-capital", "Bridge", "String", "<image> The place whose flag is shown is part of a larger "
-                "country. What is the capital of that country?", [im], pcap, [pcap], [title, parent, pcap],
-                [p.id, by_title[parent].id])
-        pop = population(p.text)
-        if pop:
-            add("population", "Bridge", "Numerical", "<image> About how many people live in the country whose "
-                "flag is shown?", [im], f"{pop:.0f}", [round(pop * 0.9), round(pop * 1.1)], [title], [p.id])
-        cat = rel["category"].get(title)
-        if cat and title.lower() not in cat.lower() and cat.lower() in p.text.lower():
-            add("category", "Bridge", "String", "<image> In the picture collection, which category does the "
-                "thing shown belong to?", [im], cat, [cat], [title, cat], [p.id])
-    # Compare: pairs of entities that differ on a shared attribute.
-    for attr, template, question in (
-            ("part of", "continent", "<image><image> Which of these two places is part of {value}?"),
-            ("category", "pick-category", "<image><image> Which of these two pictures shows one of the {value}?")):
-        for side_pool in _sides([t for t in titles if t in rel[attr]], dev_fraction):
-            for a, b in _pairs(side_pool, rng, rounds=3):
-                if rel[attr][a] == rel[attr][b]:
-                    continue
-                value = rel[attr][a]
-                pair = [a, b] if rng.random() < 0.5 else [b, a]
-                add(template, "Compare", "String", question.format(value=value),
-                    [rng.choice(images[t]) for t in pair], a, [a], pair + [value], [by_title[t].id for t in pair])
-    pops = [(t, population(by_title[t].text)) for t in titles]
-    pops = [(t, v) for t, v in pops if v]
-    value_of = dict(pops)
-    for side_pool in _sides([t for t, _ in pops], dev_fraction):
-        for a, b in _pairs(side_pool, rng, rounds=4):
-            va, vb = value_of[a], value_of[b]
-            if va == vb:
+    held = set(holdout)
+    trained_titles = {t for t, ds in domains.items() if ds - held}
+
+    def side_of(names: list[str]) -> str | None:
+        ds = set().union(*(domains[n] for n in names))
+        if ds & held:  # out of domain: only entities that no training domain shows
+            return "ood" if ds <= held and not set(names) & trained_titles else None
+        sides = {_dev(n, dev_fraction) for n in names}
+        return None if len(sides) > 1 else ("dev" if sides.pop() else "train")
+
+    kinds = {}
+    for t in images:
+        kinds[t] = type_word(by_title[t].text, t)
+
+    def noun(f: Fact) -> str:
+        """How a question names a relation: a place relation by the type of the place it points to."""
+        if f.relation in PLACE_RELATIONS and f.kind == "entity" and f.value in by_title:
+            return type_word(by_title[f.value].text, f.value) or f.relation
+        return f.relation
+
+    fallback = {}
+    for d in {d for ds in domains.values() for d in ds}:
+        common = Counter(kinds[t] for t in images if d in domains[t] and kinds[t]).most_common(1)
+        fallback[d] = common[0][0] if common else "thing"
+    for t in images:
+        kinds[t] = kinds[t] or fallback[next(iter(domains[t]))]
+    w = _Writer(kb, out, rng, {"train": max_per_template, "dev": max_dev_per_template, "ood": max_ood_per_template})
+    order = sorted(images)
+    rng.shuffle(order)
+    for a in order:  # Bridge: facts of the entity shown, and facts of a bridge entity its passage names
+        side = side_of([a])
+        if side is None:
+            continue
+        this = fill(rng.choice(THIS), {"type": kinds[a]})
+        dom = next(iter(domains[a]))
+        for f in list(facts(a).values()):
+            ans, ev, ptype = _answer(f)
+            tmpl = _KIND_TEMPLATE[f.kind]
+            slots = {"this": this, "type": kinds[a], "rel": noun(f), "verb": f.verb, "A": a, "va": ans}
+            w.add(side, tmpl, f.relation, [rng.choice(images[a])], slots, ans, ev, ptype, [a], [by_title[a].id], dom)
+            m = f.value if f.kind == "entity" and f.value in by_title else None
+            if m is None:
                 continue
-            winner = a if va > vb else b
-            add("larger-population", "Compare", "String", "<image><image> Which of these two countries has the "
-                "larger population?", [rng.choice(images[a]), rng.choice(images[b])], winner, [winner], [a, b],
-                [by_title[a].id, by_title[b].id])
-    counts = {side: write_questions(out / f"{side}.jsonl", rows) for side, rows in qs.items()}
+            for g in facts(m).values():
+                if g.kind not in ("entity", "string", "year") or normalize(g.value) in (normalize(a), normalize(m)):
+                    continue
+                ans2, ev2, ptype2 = _answer(g)
+                slots2 = {"this": this, "type": kinds[a], "rel": noun(f), "rel2": g.relation, "A": a, "M": m}
+                w.add(side, "bridge", f"{f.relation}/{g.relation}", [rng.choice(images[a])], slots2, ans2, ev2,
+                      ptype2, [a, m, ans2], [by_title[a].id, by_title[m].id], dom)
+    _compare(w, order, images, facts, kinds, side_of, by_title, domains, rng, noun)
+    counts = {side: write_questions(out / f"{side}.jsonl", w.rows.get(side, [])) for side in
+              (("train", "dev", "ood") if held else ("train", "dev"))}
     by_template = defaultdict(dict)
-    for (side, template), n in sorted(counter.items()):
+    for (side, template), n in sorted(w.count.items()):
         by_template[side][template] = n
     return {"counts": counts, "by_template": dict(by_template), "out": str(out)}
+
+
+def _compare(w: _Writer, order, images, facts, kinds, side_of, by_title, domains, rng, noun,
+             rounds: int = 4) -> None:
+    """Compare questions over pairs of entities of one side that share an attribute; yes and no alternate."""
+    by_rel: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for t in order:
+        for rel, f in facts(t).items():
+            by_rel[(rel, f.kind)].append(t)
+    for (rel, kind), pool in sorted(by_rel.items()):
+        if len(pool) < 2:
+            continue
+        pairs, seen = [], set()
+        for _ in range(max(rounds, min(24, 160 // len(pool)))):  # a small pool is paired more often
+            shuffled = pool[:]
+            rng.shuffle(shuffled)
+            pairs += list(zip(shuffled[::2], shuffled[1::2]))
+        if kind in ("entity", "string"):  # pairs that share the value are rare by chance: add them on purpose
+            groups = defaultdict(list)
+            for t in pool:
+                groups[normalize(facts(t)[rel].value)].append(t)
+            same = [p for members in groups.values() for p in zip(members[::2], members[1::2])]
+            rng.shuffle(same)
+            differ = [p for p in pairs if normalize(facts(p[0])[rel].value) != normalize(facts(p[1])[rel].value)]
+            pairs = [p for two in zip(same, differ) for p in two] + differ[len(same):]
+        for a, b in pairs:
+            if (a, b) in seen or (b, a) in seen or a == b:
+                continue
+            seen.add((a, b))
+            side = side_of([a, b])
+            if side is None:
+                continue
+            if rng.random() < 0.5:
+                a, b = b, a
+            fa, fb = facts(a)[rel], facts(b)[rel]
+            types = plural(kinds[a]) if kinds[a] == kinds[b] else "things"
+            base = {"these": fill(rng.choice(THESE), {"types": types}), "types": types, "rel": noun(fa), "A": a,
+                    "B": b, "type": kinds[a]}
+            imgs = [rng.choice(images[a]), rng.choice(images[b])]
+            gp, dom = [by_title[a].id, by_title[b].id], next(iter(domains[a]))
+            if kind == "number":
+                va, vb = float(fa.value), float(fb.value)
+                if max(va, vb) < 1.05 * min(va, vb):
+                    continue  # too close to call from rounded figures
+                win = a if va > vb else b
+                w.add(side, "more", rel, imgs, {**base, "va": describe_number(va), "vb": describe_number(vb)},
+                      *_named(win), "String", [a, b], gp, dom)
+            elif kind in ("entity", "string"):
+                same_value = normalize(fa.value) == normalize(fb.value)
+                w.add(side, "same", rel, imgs, {**base, "va": display(fa.value), "vb": display(fb.value),
+                                                "branch": "yes" if same_value else "no"},
+                      "yes" if same_value else "no", ["yes" if same_value else "no"], "String", [a, b], gp, dom)
+                if not same_value:
+                    ans = rng.choice([a, b])
+                    value = display((fa if ans == a else fb).value)
+                    w.add(side, "pick", rel, imgs, {**base, "va": display(fa.value), "value": value,
+                                                    "branch": "yes" if ans == a else "no"},
+                          *_named(ans), "String", [a, b, value], gp, dom)

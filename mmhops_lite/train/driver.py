@@ -18,7 +18,7 @@ from .episodes import TokenizedEpisode
 from .grpo import GRPOConfig
 from .policy import LoraSpec, adapter_to_gguf, load_for_training, save_adapter
 from .rl import plot_curves, run_grpo
-from .sft import SFTConfig, build_gold_set, run_sft
+from .sft import GoldReport, SFTConfig, build_gold_set, rejection_episodes, run_sft, with_paths
 
 
 def _save_data(path: Path, data: list[TokenizedEpisode]) -> None:
@@ -26,6 +26,12 @@ def _save_data(path: Path, data: list[TokenizedEpisode]) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         for e in data:
             f.write(json.dumps({"input_ids": e.input_ids, "loss_mask": e.loss_mask, "prompt_len": e.prompt_len}) + "\n")
+    tmp.replace(path)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False), encoding="utf-8")
     tmp.replace(path)
 
 
@@ -65,10 +71,19 @@ def train(questions_file: str | Path, index, cfg: Config, out: str | Path, *, mo
         data_path = out / "sft-data.jsonl"
         if not data_path.is_file() and dist.main:  # built once; a resumed run reuses exactly these examples
             emit("phase", {"name": "gold trajectories", "total": sft.max_examples})
+            report = GoldReport()
             data = build_gold_set(questions, tok, index, cfg, sft.max_examples, sft.seed,
-                                  progress=lambda n, total: emit("gold", {"n": n, "total": total}))
+                                  progress=lambda n, total: emit("gold", {"n": n, "total": total}), report=report,
+                                  discover_share=sft.discover_share)
+            if sft.rejection_samples and report.missed and len(data) < sft.max_examples:
+                emit("phase", {"name": "rejection sampling", "questions": min(len(report.missed),
+                                                                               sft.rejection_questions)})
+                data += rejection_episodes(questions, report, tok, index, cfg, model, base_gguf, sft)
+            _write_json(out / "gold-report.json", {**report.to_dict(), "paths": report.paths})
             _save_data(data_path, data)
+            emit("gold-report", report.to_dict())
         dist.barrier()
+        questions = with_paths(questions, out / "gold-report.json")
         data = _load_data(data_path)
         emit("phase", {"name": "sft", "examples": len(data)})
         state = run_sft(net, data, out, sft, meta, on_step=lambda rec: emit("step", rec), dist=dist)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -14,7 +14,7 @@ from ..loop import perceive
 from ..types import Question
 from .checkpoint import load_checkpoint, save_checkpoint, trim_log
 from .distributed import Dist
-from .episodes import TokenizedEpisode, gold_episode, tokenize_episode
+from .episodes import TokenizedEpisode, gold_episode, gold_turns, tokenize_episode
 from .grpo import policy_logprobs, update_bf16
 
 
@@ -26,22 +26,60 @@ class SFTConfig:
     lr: float = 2e-4
     batch_size: int = 4  # episodes per optimiser step (gradient accumulation, one sequence at a time)
     max_examples: int = 240
+    discover_share: float = 0.25  # share of templated questions taught by a discovered path instead of the plan
+    rejection_samples: int = 4  # rollouts of the starting policy per question no trajectory was found for (0 = off)
+    rejection_questions: int = 48  # at most this many such questions are sampled
     checkpoint_every: int = 10
     seed: int = 0
-    update_dtype: str = "auto"  # auto (bf16 autocast where the CPU has native bf16) | bf16 | fp32, as for GRPO
+    update_dtype: str = "auto"  # auto (bf16 autocast where the CPU has AMX) | bf16 | fp32, as for GRPO
 
 
-def build_gold_set(questions: Sequence[Question], tokenizer, index, cfg: Config, limit: int, seed: int,
-                   progress: Callable[[int, int], None] | None = None) -> list[TokenizedEpisode]:
-    """Gold episodes of up to `limit` questions, balanced over templates, tokenized with loss masks."""
+@dataclass
+class GoldReport:
+    """How the gold set was built: trajectories by source, and why the other questions got none."""
+
+    tried: int = 0
+    from_template: int = 0
+    discovered: int = 0
+    sampled: int = 0
+    missed: dict = field(default_factory=dict)  # question id -> why no trajectory was found
+    paths: dict = field(default_factory=dict)  # question id -> (gold entities, gold passages) of its trajectory
+
+    def to_dict(self) -> dict:
+        failed: dict = {}
+        for why in self.missed.values():
+            failed[why] = failed.get(why, 0) + 1
+        return {"tried": self.tried, "from_template": self.from_template, "discovered": self.discovered,
+                "sampled": self.sampled, "found": self.from_template + self.discovered + self.sampled,
+                "failed": dict(sorted(failed.items(), key=lambda kv: -kv[1]))}
+
+
+def _balanced(questions: Sequence[Question], seed: int) -> list[Question]:
+    """Questions interleaved over templates and image domains (or splits, for files without templates) in a
+    seeded order, so no one domain or question kind fills the set."""
     rng = random.Random(seed)
     by_t: dict[str, list[Question]] = {}
     for q in questions:
-        by_t.setdefault(q.extra.get("template") or q.split, []).append(q)
+        key = f"{q.extra['template']}|{q.extra.get('domain', '')}" if q.extra.get("template") else q.split
+        by_t.setdefault(key, []).append(q)
     for qs in by_t.values():
         rng.shuffle(qs)
-    order = [q for group in zip(*[qs + [None] * (max(map(len, by_t.values())) - len(qs)) for qs in by_t.values()])
-             for q in group if q is not None]
+    longest = max(map(len, by_t.values()))
+    return [q for group in zip(*[qs + [None] * (longest - len(qs)) for qs in by_t.values()])
+            for q in group if q is not None]
+
+
+def build_gold_set(questions: Sequence[Question], tokenizer, index, cfg: Config, limit: int, seed: int,
+                   progress: Callable[[int, int], None] | None = None,
+                   report: GoldReport | None = None, discover_share: float = 0.0) -> list[TokenizedEpisode]:
+    """Gold episodes of up to `limit` questions, balanced over templates, tokenized with loss masks. A question
+    with a template follows its plan; one without (any MMhops-schema file) gets a path found by answer-guided
+    discovery, and so does a seeded `discover_share` of the templated ones (two styles of reasoning, and the
+    discovered one is what a user's own question file gets). Either is kept only when the loop's own retrieval
+    supports it."""
+    from .discover import discovered_episode
+
+    report = report if report is not None else GoldReport()
 
     def render(msgs):
         return tokenizer.apply_chat_template(list(msgs), tokenize=False, add_generation_prompt=True)
@@ -51,20 +89,105 @@ def build_gold_set(questions: Sequence[Question], tokenizer, index, cfg: Config,
 
     out: list[TokenizedEpisode] = []
     cache: dict = {}
-    for i, q in enumerate(order):
+    for q in _balanced(questions, seed):
         if len(out) >= limit:
             break
+        report.tried += 1
         perc = perceive(q.images, index.image_encoder, ocr=cfg.encoders.ocr) if q.images else []
-        got = gold_episode(q, render, count, index, cfg, perc, cache)
+        templated = gold_turns(q) is not None
+        got, source = None, "discovered"
+        if not templated or _share(q.id, seed) < discover_share:  # search the loop's actions for a path
+            failures: list = []
+            got = discovered_episode(q, render, count, index, cfg, perc, cache, failures=failures)
+            if got is None and not templated:
+                report.missed[q.id] = failures[-1] if failures else "no path found"
+        if got is None and templated:
+            source, got = "template", gold_episode(q, render, count, index, cfg, perc, cache)
+            if got is None:
+                report.missed[q.id] = "template chain not supported by retrieval"
         if got is not None:
-            ep, _ = got
+            ep, tr = got
             out.append(tokenize_episode(tokenizer, ep.prompt, ep.segments))
+            if source == "template":
+                report.from_template += 1
+            else:
+                report.discovered += 1
+            report.paths[q.id] = _path(tr)
         if progress:
             progress(len(out), limit)
     if not out:
-        raise InputError("no gold trajectory could be built from these questions",
-                         fix="use questions from `mmhops-lite data synth` over the same KB as the index")
+        raise InputError(f"no gold trajectory could be built from these questions: {report.to_dict()['failed']}",
+                         fix="check that the index holds the KB the questions were written from; answers must be "
+                             "stated in its passages")
     return out
+
+
+def rejection_episodes(questions: Sequence[Question], report: GoldReport, tokenizer, index, cfg: Config,
+                       model: str, base_gguf, scfg: SFTConfig) -> list[TokenizedEpisode]:
+    """Rejection sampling: the starting policy (base GGUF with the configured adapter, the shipped one by default)
+    answers the questions no trajectory was found for, `rejection_samples` times each; correct episodes become
+    SFT data. Skipped (empty) when the base has no GGUF to sample with."""
+    from ..backends.base import adapter_for
+    from ..backends.llamacpp import LlamaCppGenerator
+    from ..registry import shipped_adapter
+    from .discover import rejection_sample
+
+    todo = [q for q in questions if q.id in report.missed][: scfg.rejection_questions]
+    if not todo or base_gguf is None:
+        return []
+    adapter = cfg.model.adapter
+    adapter = shipped_adapter(model) if adapter == "auto" else (None if adapter in ("", "none") else adapter)
+    gen = LlamaCppGenerator(base_gguf, n_ctx=cfg.model.n_ctx, threads=cfg.model.threads,
+                            lora_path=adapter_for("llamacpp", adapter) if adapter else None)
+    perceptions: dict = {}
+
+    def perceptions_of(q):
+        if q.id not in perceptions:
+            perceptions[q.id] = perceive(q.images, index.image_encoder, ocr=cfg.encoders.ocr) if q.images else []
+        return perceptions[q.id]
+
+    kept = rejection_sample(todo, gen, index, cfg, perceptions_of, samples=scfg.rejection_samples, seed=scfg.seed)
+    out = []
+    for q, ep in kept:
+        out.append(tokenize_episode(tokenizer, ep.prompt, ep.segments))
+        report.sampled += 1
+        del report.missed[q.id]
+        report.paths[q.id] = _path_of_hops(ep.hops)
+    return out
+
+
+def with_paths(questions: Sequence[Question], report_file: Path) -> list[Question]:
+    """Questions that came without gold entities and passages get those of their trajectory (for the action
+    reward): a plain MMhops file trains with the same reward parts as a synthesised one."""
+    if not report_file.is_file():
+        return list(questions)
+    paths = json.loads(report_file.read_text(encoding="utf-8")).get("paths", {})
+    out = []
+    for q in questions:
+        if q.id in paths and not q.extra.get("gold_entities") and not q.extra.get("gold_passages"):
+            ents, pids = paths[q.id]
+            q = replace(q, extra={**q.extra, "gold_entities": ents, "gold_passages": pids})
+        out.append(q)
+    return out
+
+
+def _share(qid: str, seed: int) -> float:
+    """A stable number in [0, 1) per question: which templated questions are taught by discovery."""
+    import hashlib
+
+    return int(hashlib.sha1(f"{seed}:{qid}".encode()).hexdigest()[:8], 16) / 16 ** 8
+
+
+def _path(tr) -> tuple[list[str], list[str]]:
+    """The entities an episode identified and the passages it read (the action reward's gold, for questions
+    that came without it)."""
+    return _path_of_hops(tr.hops)
+
+
+def _path_of_hops(hops) -> tuple[list[str], list[str]]:
+    ents = [h.results[0]["title"] for h in hops if h.action == "image_search" and h.results]
+    pids = [h.results[0]["id"] for h in hops if h.action == "text_search" and h.results]
+    return ents, pids
 
 
 def masked_loss(net, ep: TokenizedEpisode, bf16: bool = False):
