@@ -9,17 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from mmhops_lite.data.astronomy import _constellation, _read_spans, add_astronomy
 from mmhops_lite.data.demo_kb import _KB, EMOJI_FONT, DemoSources, build_demo_kb
-from mmhops_lite.data.domains import (
-    DOMAINS,
-    _constellation,
-    _read_spans,
-    add_astronomy,
-    add_emoji,
-    domain_of,
-    emoji_title,
-    font_codepoints,
-)
+from mmhops_lite.data.domains import DOMAINS, add_emoji, domain_of, emoji_title, font_codepoints
 from mmhops_lite.errors import InputError
 
 

@@ -90,6 +90,12 @@ def test_held_out_domain_uses_held_out_wordings(prose_kb, tmp_path):
     held = {r["title"] for r in rows[:3]}
     assert all(set(q.extra["gold_entities"]) <= held for q in ood)
     assert not any(set(q.extra["gold_entities"]) & held for q in train)
+    # an entity a training domain also shows is never asked about out of domain
+    rows.append({"id": "mon:zorg-again", "path": rows[0]["path"], "title": rows[0]["title"], "caption": ""})
+    (prose_kb / "images.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    synthesize(prose_kb, tmp_path / "q2", dev_fraction=0.0, seed=2, holdout=("far",), max_ood_per_template=None)
+    ood2 = load_questions(tmp_path / "q2" / "ood.jsonl")
+    assert ood2 and not any(rows[0]["title"] in q.extra["gold_entities"] for q in ood2)
     train_texts = {templates.TEMPLATES[q.extra["template"]].wordings[q.extra["wording"]] for q in train}
     for q in ood:
         wording = templates.TEMPLATES[q.extra["template"]].heldout[q.extra["wording"]]
@@ -109,6 +115,10 @@ def test_the_table_drives_synthesis_and_gold_turns(prose_kb, tmp_path, monkeypat
     assert turns[1] == (f"<think>Aha, {q.extra['slots']['A']}; its {q.extra['slots']['rel']} next.</think>"
                         f"<text_search>{q.extra['slots']['A']} {q.extra['slots']['rel']}</text_search>")
     assert turns[-1].endswith(f"<answer>{q.answer}</answer>")
+    # an entity answer is named without its qualifier, and both spellings score
+    from mmhops_lite.data.synth import _named
+
+    assert _named("Io (moon)") == ("Io", ["Io", "Io (moon)"]) and _named("Jupiter") == ("Jupiter", ["Jupiter"])
     # a question without a template has no plan: discovery handles it
     bare = replace(q, extra={})
     assert gold_turns(bare) is None

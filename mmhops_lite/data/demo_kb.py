@@ -357,7 +357,8 @@ def _tracker(enabled: bool):
 def build_demo_kb(out_dir: Path, *, progress: bool = True, sources: DemoSources | None = None) -> dict:
     """Build passages/images/triples JSONL and manifest.json in `out_dir`; returns the manifest."""
     start = time.monotonic()
-    from mmhops_lite.data.domains import add_astronomy, add_emoji, source_entries  # domains builds on _KB
+    from mmhops_lite.data.astronomy import add_astronomy  # the domain modules build on _KB
+    from mmhops_lite.data.domains import add_emoji, source_entries
 
     summaries, kgeo_root, stamps_root, emoji_font, stella_root = _resolve(sources or DemoSources())
     out = Path(out_dir)

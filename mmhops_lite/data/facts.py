@@ -162,17 +162,41 @@ def type_word(text: str, title: str = "") -> str | None:
     for _ in range(3):
         b = _BOUNDARY.search(rest)
         chunk, rest = (rest[: b.start()], rest[b.end():]) if b else (rest, "")
-        words = [w for w in re.findall(r"[A-Za-z-]+", chunk) if w.lower() not in ("the", "a", "an")
-                 and not w.endswith("ly") and not (len(w) > 5 and w.endswith("ed") and not w.endswith("eed"))]
+        raw = re.findall(r"[A-Za-z-]+", chunk)
+        if raw and all(w[:1].isupper() for w in raw) and _ > 0:
+            break  # "the western region of Europe": after "of" comes a name, not a type
+        # A type word is a common noun: no proper names ("Italian", "Europe"), adverbs, participles or adjectives.
+        words = [w for w in re.findall(r"[A-Za-z-]+", chunk) if w.lower() not in _NOT_TYPES and w[:1].islower()
+                 and not w.endswith("ly") and not (len(w) > 5 and w.endswith("ed") and not w.endswith("eed"))
+                 and not (w.endswith("ing") and w not in _ING_NOUNS)]
         if words:
             head = singular(words[-1].lower())
-            if head not in _WEAK_HEADS and head.isalpha() and len(head) >= 3 and not head.endswith(("est", "most")):
+            adjective = head.endswith(_ADJ_ENDINGS) and head not in _NOUNS_LIKE_ADJ
+            if head not in _WEAK_HEADS and head.isalpha() and len(head) >= 3 and not head.endswith(("est", "most")) \
+                    and not adjective:
                 return head
         rest = re.sub(r"^\s*(?:the|a|an)?\s*(?:\d+|two|three|four|five|six|seven|eight|nine|ten|many|several)?\s*",
                       "", rest)
         if not rest:
             break
     return None
+
+
+_NOT_TYPES = {"the", "a", "an", "various", "any", "round", "common", "several", "many", "other", "different", "major",
+              "famous", "popular", "large", "small", "big", "main", "traditional", "typical", "native", "modern",
+              "ancient", "former", "new", "old", "well", "known", "total", "sovereign", "independent", "landlocked"}
+_ADJ_ENDINGS = ("al", "ic", "ous", "ive", "ful", "less", "able", "ible", "ary", "ian", "ese", "ish")
+_NOUNS_LIKE_ADJ = {"animal", "canal", "festival", "mineral", "capital", "hospital", "signal", "crystal", "terminal",
+                   "metal", "mammal", "cathedral", "arsenal", "music", "republic", "mosaic", "chemical", "clinic",
+                   "fabric", "comic", "relic", "plastic", "tunic", "magic", "arabic", "library", "dictionary",
+                   "sanctuary", "estuary", "tributary", "boundary", "mercenary", "monastery", "primary", "cemetery",
+                   "missionary", "salary", "olive", "detective", "locomotive", "explosive", "sedative", "fish",
+                   "dish", "radish", "relish", "musician", "physician", "civilian", "guardian", "librarian",
+                   "reptile", "amphibian", "historian", "vegetarian", "mammalian", "journal", "portal", "rival",
+                   "pedal", "petal", "coral", "oval", "spiral", "funeral", "general", "admiral", "memorial",
+                   "ritual", "manual", "official", "cereal", "vessel", "sandal", "cymbal", "total", "pascal"}
+_ING_NOUNS = {"building", "painting", "ring", "king", "string", "wing", "spring", "clothing", "dwelling", "sibling",
+              "seedling", "ceiling", "swing", "sling", "earring", "pudding", "dumpling", "bowling", "wedding"}
 
 
 class TitleIndex:

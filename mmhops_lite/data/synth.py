@@ -26,6 +26,11 @@ from .templates import TEMPLATES, THESE, THIS, fill, plural
 _KIND_TEMPLATE = {"entity": "fact", "string": "fact", "number": "number", "year": "year"}
 # Relations that place an entity: a question names them by the place's own type ("the country of this tower").
 PLACE_RELATIONS = {"location", "part of", "continent", "native region"}
+# The type words a place relation may be named by; anything else keeps the relation's own name.
+PLACE_TYPES = {"country", "city", "town", "village", "state", "region", "continent", "island", "province", "territory",
+               "county", "nation", "kingdom", "republic", "archipelago", "peninsula", "planet", "galaxy",
+               "constellation", "moon", "star", "district", "prefecture", "department", "oblast", "municipality",
+               "ocean", "sea", "river", "lake", "mountain", "desert", "subregion", "capital", "cluster"}
 
 
 def _dev(title: str, dev_fraction: float) -> bool:
@@ -169,7 +174,8 @@ def synthesize(kb_dir: str | Path, out_dir: str | Path, dev_fraction: float = 0.
     def noun(f: Fact) -> str:
         """How a question names a relation: a place relation by the type of the place it points to."""
         if f.relation in PLACE_RELATIONS and f.kind == "entity" and f.value in by_title:
-            return type_word(by_title[f.value].text, f.value) or f.relation
+            t = type_word(by_title[f.value].text, f.value)
+            return t if t in PLACE_TYPES else f.relation
         return f.relation
 
     fallback = {}

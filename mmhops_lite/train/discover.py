@@ -160,7 +160,10 @@ def _candidates(node: tuple, entities: list[str], terms: list[str], mentions: _M
 def _accept(q: Question, images: list, path: tuple, entities: list[str], terms: list[str], compare: bool):
     """None, "contradicted", or the evidence the answer turn cites: (title holding the answer, numbers read)."""
     steps = list(images) + list(path)
-    where = next((t for s in reversed(steps) for t, b in s.hits if _holds(q, t, b)), None)
+    # Only a passage about what was searched counts (an image's own entity, a text search's subject): an answer
+    # that merely turns up in a passage retrieved beside it is a coincidence, not a chain worth teaching.
+    where = next((t for s in reversed(steps) for t, b in s.hits
+                  if (s.kind == "image_search" or normalize(t) == normalize(s.subject)) and _holds(q, t, b)), None)
     if not compare:
         return (where, {}) if where else None
     own = {}  # each compared entity's passage, as its own search showed it
