@@ -161,11 +161,19 @@ def synthesize(kb_dir: str | Path, out_dir: str | Path, dev_fraction: float = 0.
     trained_titles = {t for t, ds in domains.items() if ds - held}
 
     def side_of(names: list[str]) -> str | None:
-        ds = set().union(*(domains[n] for n in names))
-        if ds & held:  # out of domain: only entities that no training domain shows
-            return "ood" if ds <= held and not set(names) & trained_titles else None
+        """ood when only held-out domains show every entity, train/dev by entity hash when training domains show
+        them all, None for a mix (a comparison must not straddle)."""
+        shown = [n in trained_titles for n in names]
+        if not any(shown):
+            return "ood"
+        if not all(shown):
+            return None
         sides = {_dev(n, dev_fraction) for n in names}
         return None if len(sides) > 1 else ("dev" if sides.pop() else "train")
+
+    def pic(title: str, side: str):
+        """A KB image of the entity from the side's own domains (an held-out image never reaches training)."""
+        return rng.choice([im for im in images[title] if (domain_of(im.id) in held) == (side == "ood")])
 
     kinds = {}
     for t in images:
@@ -192,12 +200,12 @@ def synthesize(kb_dir: str | Path, out_dir: str | Path, dev_fraction: float = 0.
         if side is None:
             continue
         this = fill(rng.choice(THIS), {"type": kinds[a]})
-        dom = next(iter(domains[a]))
+        dom = domain_of(pic(a, side).id)
         for f in list(facts(a).values()):
             ans, ev, ptype = _answer(f)
             tmpl = _KIND_TEMPLATE[f.kind]
             slots = {"this": this, "type": kinds[a], "rel": noun(f), "verb": f.verb, "A": a, "va": ans}
-            w.add(side, tmpl, f.relation, [rng.choice(images[a])], slots, ans, ev, ptype, [a], [by_title[a].id], dom)
+            w.add(side, tmpl, f.relation, [pic(a, side)], slots, ans, ev, ptype, [a], [by_title[a].id], dom)
             m = f.value if f.kind == "entity" and f.value in by_title else None
             if m is None:
                 continue
@@ -206,9 +214,9 @@ def synthesize(kb_dir: str | Path, out_dir: str | Path, dev_fraction: float = 0.
                     continue
                 ans2, ev2, ptype2 = _answer(g)
                 slots2 = {"this": this, "type": kinds[a], "rel": noun(f), "rel2": g.relation, "A": a, "M": m}
-                w.add(side, "bridge", f"{f.relation}/{g.relation}", [rng.choice(images[a])], slots2, ans2, ev2,
+                w.add(side, "bridge", f"{f.relation}/{g.relation}", [pic(a, side)], slots2, ans2, ev2,
                       ptype2, [a, m, ans2], [by_title[a].id, by_title[m].id], dom)
-    _compare(w, order, images, facts, kinds, side_of, by_title, domains, rng, noun)
+    _compare(w, order, pic, facts, kinds, side_of, by_title, domains, rng, noun)
     counts = {side: write_questions(out / f"{side}.jsonl", w.rows.get(side, [])) for side in
               (("train", "dev", "ood") if held else ("train", "dev"))}
     by_template = defaultdict(dict)
@@ -217,7 +225,7 @@ def synthesize(kb_dir: str | Path, out_dir: str | Path, dev_fraction: float = 0.
     return {"counts": counts, "by_template": dict(by_template), "out": str(out)}
 
 
-def _compare(w: _Writer, order, images, facts, kinds, side_of, by_title, domains, rng, noun,
+def _compare(w: _Writer, order, pic, facts, kinds, side_of, by_title, domains, rng, noun,
              rounds: int = 4) -> None:
     """Compare questions over pairs of entities of one side that share an attribute; yes and no alternate."""
     by_rel: dict[tuple[str, str], list[str]] = defaultdict(list)
@@ -253,8 +261,8 @@ def _compare(w: _Writer, order, images, facts, kinds, side_of, by_title, domains
             types = plural(kinds[a]) if kinds[a] == kinds[b] else "things"
             base = {"these": fill(rng.choice(THESE), {"types": types}), "types": types, "rel": noun(fa), "A": a,
                     "B": b, "type": kinds[a]}
-            imgs = [rng.choice(images[a]), rng.choice(images[b])]
-            gp, dom = [by_title[a].id, by_title[b].id], next(iter(domains[a]))
+            imgs = [pic(a, side), pic(b, side)]
+            gp, dom = [by_title[a].id, by_title[b].id], domain_of(imgs[0].id)
             if kind == "number":
                 va, vb = float(fa.value), float(fb.value)
                 if max(va, vb) < 1.05 * min(va, vb):
