@@ -419,6 +419,11 @@ def train_cmd(
                                "coverage=1 pays the action part per gold entity/passage found)."),
     sft_examples: int = typer.Option(240, "--sft-examples", help="Gold trajectories for the warm start."),
     sft_epochs: int = typer.Option(1, "--sft-epochs", help="Passes over the gold trajectories."),
+    discover_share: float = typer.Option(0.25, "--discover-share", help="Share of templated questions taught by "
+                                         "an answer-guided discovered path instead of their template's plan."),
+    rejection_samples: int = typer.Option(4, "--rejection-samples", help="Rollouts of the starting policy for each "
+                                          "question no trajectory was found for; correct ones become SFT data "
+                                          "(0 = off)."),
     lr: float = typer.Option(2e-4, "--lr", help="Learning rate."),
     seed: int = typer.Option(0, "--seed", help="Seed for data order."),
 ):
@@ -475,7 +480,8 @@ def train_cmd(
         res = _run(api.train_policy, questions, cfg, out, index, model=model,
                    lora=LoraSpec(rank, alpha, 0.0, targets),
                    sft=SFTConfig(epochs=sft_epochs, lr=lr, max_examples=sft_examples, seed=seed,
-                                 update_dtype=update_dtype) if sft else None,
+                                 update_dtype=update_dtype, discover_share=discover_share,
+                                 rejection_samples=rejection_samples) if sft else None,
                    grpo=GRPOConfig(steps=steps, questions_per_step=per_step, group_size=group_size, lr=grpo_lr,
                                    loss=loss, kl=kl, temperature=temperature, engine=engine, seed=seed,
                                    rollout_weights=rollout_weights, update_dtype=update_dtype, rollouts=rollouts),
