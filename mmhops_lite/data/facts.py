@@ -199,13 +199,18 @@ _ING_NOUNS = {"building", "painting", "ring", "king", "string", "wing", "spring"
               "seedling", "ceiling", "swing", "sling", "earring", "pudding", "dumpling", "bowling", "wedding"}
 
 
+def short_name(title: str) -> str:
+    """A KB title without its qualifier, as text and answers name it ("Io (moon)" -> "Io")."""
+    return re.sub(r"\s*\([^)]*\)$", "", title) or title
+
+
 class TitleIndex:
     """Finds KB titles named in text: the longest title starting at a position, by its first word."""
 
     def __init__(self, titles: Iterable[str]):
         self.by_first: dict[str, list[tuple[list[str], str, bool]]] = {}
         for t in titles:
-            for surface in {t, re.sub(r"\s*\([^)]*\)$", "", t)}:  # "Io (moon)" is written "Io" in text
+            for surface in {t, short_name(t)}:  # "Io (moon)" is written "Io" in text
                 words = surface.split()
                 if words and surface[:1].isupper():
                     self.by_first.setdefault(words[0], []).append((words, t, surface != t))

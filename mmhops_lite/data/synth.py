@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import random
-import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from ..errors import InputError
 from ..index.kb import KnowledgeBase
 from ..scoring import normalize
 from .domains import domain_of
-from .facts import Fact, TitleIndex, describe_number, mine, triple_facts, type_word
+from .facts import Fact, TitleIndex, describe_number, mine, short_name, triple_facts, type_word
 from .questions import write_questions
 from .templates import TEMPLATES, THESE, THIS, fill, plural
 
@@ -58,14 +57,9 @@ def perturb(src: Path, dst: Path, rng: random.Random) -> None:
     dst.write_bytes(buf.getvalue())
 
 
-def display(title: str) -> str:
-    """A KB title as an answer names it: without its qualifier ("Io (moon)" -> "Io")."""
-    return re.sub(r"\s*\([^)]*\)$", "", title) or title
-
-
 def _named(title: str) -> tuple[str, list]:
     """An entity as an answer: its display name, and both spellings accepted."""
-    short = display(title)
+    short = short_name(title)
     return short, [short] + ([title] if short != title else [])
 
 
@@ -272,12 +266,12 @@ def _compare(w: _Writer, order, pic, facts, kinds, side_of, by_title, domains, r
                       *_named(win), "String", [a, b], gp, dom)
             elif kind in ("entity", "string"):
                 same_value = normalize(fa.value) == normalize(fb.value)
-                w.add(side, "same", rel, imgs, {**base, "va": display(fa.value), "vb": display(fb.value),
+                w.add(side, "same", rel, imgs, {**base, "va": short_name(fa.value), "vb": short_name(fb.value),
                                                 "branch": "yes" if same_value else "no"},
                       "yes" if same_value else "no", ["yes" if same_value else "no"], "String", [a, b], gp, dom)
                 if not same_value:
                     ans = rng.choice([a, b])
-                    value = display((fa if ans == a else fb).value)
-                    w.add(side, "pick", rel, imgs, {**base, "va": display(fa.value), "value": value,
+                    value = short_name((fa if ans == a else fb).value)
+                    w.add(side, "pick", rel, imgs, {**base, "va": short_name(fa.value), "value": value,
                                                     "branch": "yes" if ans == a else "no"},
                           *_named(ans), "String", [a, b, value], gp, dom)
