@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -66,6 +67,13 @@ def _run(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except MmhopsError as exc:
         err.print(f"[bold red]\\[error][/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    except (OSError, sqlite3.Error) as exc:  # the system's own errors (disk full, permissions): one line, no trace
+        where = getattr(exc, "filename", None)
+        err.print(f"[bold red]\\[error][/bold red] {escape(type(exc).__name__)}: {escape(str(exc))}"
+                  + (f" (file: {escape(str(where))})" if where and str(where) not in str(exc) else "")
+                  + " Fix: check the path, free disk space and permissions, then run the command again"
+                  " (interrupted index builds and training runs resume).", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
 
@@ -182,9 +190,10 @@ def _print_hits(hits, as_json: bool) -> None:
         t.add_column(col, overflow="fold")
     for r, h in enumerate(hits, 1):
         if hasattr(h, "passage"):
-            t.add_row(str(r), f"{h.score:.4f}", h.passage.id, h.passage.title, h.passage.text[:120])
+            cells = (h.passage.id, h.passage.title, h.passage.text[:120])
         else:
-            t.add_row(str(r), f"{h.score:.4f}", h.id, h.title, (h.caption + " | " + h.passage_head)[:120])
+            cells = (h.id, h.title, (h.caption + " | " + h.passage_head)[:120])
+        t.add_row(str(r), f"{h.score:.4f}", *(escape(c) for c in cells))  # KB text is data, never Rich markup
     console.print(t)
 
 

@@ -2,7 +2,6 @@
 every file and the parity measured against the torch model; verified before use, refused when altered."""
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -13,9 +12,11 @@ from pathlib import Path
 from typing import Sequence
 
 from mmhops_lite import grammar
-from mmhops_lite.bundle import FORMAT, bundle_generator, check_bundle
-from mmhops_lite.errors import IndexCorrupt, InputError
+from mmhops_lite.bundle import FORMAT, _listed_names, _manifest, bundle_generator, check_bundle, is_bundle, \
+    owned_files_only
+from mmhops_lite.errors import CorruptFile, InputError, ParityFailed
 from mmhops_lite.paths import sha256
+from mmhops_lite.safeio import atomic_json, remove_tree, swap_dirs
 
 from . import gguf as G
 from . import onnx as O
@@ -126,8 +127,7 @@ def export_bundle(fmt: str, base: str, adapter: str | None, out: Path, quant: st
     t0 = time.perf_counter()
     base_dir, base_gguf = base_folder(base)
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / "manifest.json").is_file():
-        raise InputError(f"{out} exists and is not an mmhops-lite bundle", path=out, fix="choose a new folder")
+    check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".mmhops-export-", dir=str(out.parent)))
     try:
@@ -164,7 +164,7 @@ def export_bundle(fmt: str, base: str, adapter: str | None, out: Path, quant: st
         del candidate, reference
         gate = PARITY_GATE[gate_key]
         if agree < gate and not force:
-            raise IndexCorrupt(f"parity {agree:.3f} is below the gate {gate} for {kind} {quant}: bundle not written",
+            raise ParityFailed(f"parity {agree:.3f} is below the gate {gate} for {kind} {quant}: bundle not written",
                                fix="use a higher-precision --quant (f16, q8_0; fp32 for ONNX), or --force to write "
                                    "it anyway")
         vision = _vision_onnx()
@@ -187,12 +187,38 @@ def export_bundle(fmt: str, base: str, adapter: str | None, out: Path, quant: st
         for name, p in files.items():
             (stage / name).parent.mkdir(parents=True, exist_ok=True)
             os.replace(p, stage / name)
-        (stage / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(stage, out)
+        atomic_json(stage / "manifest.json", manifest, what="bundle")
+        check_target(out)  # again: the folder may have changed during the export
+        remove_tree(swap_dirs(stage, out))  # one atomic exchange: `out` is the old bundle or the new, never neither
         return manifest
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def check_target(out: Path) -> None:
+    """Refuse an export folder that is not new, empty, or an old bundle holding only its own files: export
+    replaces what it wrote, never an index, a KB or anything else."""
+    if out.is_symlink():
+        raise InputError(f"{out} is a symbolic link", path=out, fix="give the real folder for -o")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise InputError(f"{out} is a file, not a bundle folder", path=out, fix="choose a new folder for -o")
+    if not any(out.iterdir()):
+        return
+    why = None
+    if not is_bundle(out):
+        why = "it is not an mmhops-lite bundle" + (" (it is an index)" if (out / "store.sqlite").exists() else "")
+    else:
+        try:
+            extra = owned_files_only(out, _listed_names(out, _manifest(out)))
+        except CorruptFile as exc:
+            extra, why = [], f"its manifest is not a bundle's ({exc})"
+        if extra:
+            why = f"it holds files the bundle does not list ({', '.join(extra[:3])})"
+    if why:
+        raise InputError(f"will not replace {out}: {why}", path=out,
+                         fix="choose a new or empty folder for -o (export only ever replaces an old bundle)")
 
 
 def _reference(base_dir: Path, adapter: str | None):
@@ -218,7 +244,7 @@ def _open(kind: str, work: Path, base_gguf: Path | None):
 
 def verify_bundle(bundle: Path, parity: bool = False, prompts: int = 50, questions: str | Path | None = None,
                   index=None) -> dict:
-    """Check every file against the manifest (and optionally recompute parity); raise IndexCorrupt naming the file."""
+    """Check every file against the manifest (and optionally recompute parity); raise CorruptFile naming the file."""
     man = check_bundle(bundle)
     out = {"ok": True, "files": len(man["files"]), "parity": man["parity"]}
     if parity:

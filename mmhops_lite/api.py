@@ -146,9 +146,14 @@ def ask(images: list[str | Path], question: str, cfg: Config, index: str | Path 
 
     from .loop import answer, perceive
 
+    from .grammar import check_question
+    from .index.kb import check_image
+
+    question = check_question(question)
     for p in images:
         if not Path(p).is_file():
             raise InputError(f"image {p} does not exist", path=p, fix="check the path (JPEG or PNG)")
+        check_image(Path(p), "the command line")
     idx_path = resolve_index(cfg, index, progress)
     t0 = time.perf_counter()
     gen = gen or generator(cfg)

@@ -34,12 +34,24 @@ class MissingDependency(MmhopsError):
     """An optional dependency is missing; the message names the exact install command."""
 
 
+class CorruptFile(MmhopsError):
+    """A file mmhops-lite wrote (a bundle, a checkpoint, an index file) is truncated, altered or crafted: refused."""
+
+
+class ParityFailed(MmhopsError):
+    """An exported policy disagrees with the torch model more than its gate allows: the bundle is not written."""
+
+
+class WriteFailed(MmhopsError):
+    """A write could not complete (disk full, permissions): the previous state is kept and stays in use."""
+
+
 class IndexError_(MmhopsError):
     """Base for index problems (named with a trailing underscore to avoid the builtin)."""
 
 
-class IndexCorrupt(IndexError_):
-    """An index file is truncated, mismatched or altered; the index is not used."""
+class IndexCorrupt(IndexError_, CorruptFile):
+    """An index file is truncated, mismatched, altered or crafted; the index is not used."""
 
 
 class IndexLocked(IndexError_):

@@ -44,6 +44,37 @@ def escape(text: str) -> str:
     return "".join(_ESC.get(c, c) for c in text)
 
 
+MAX_QUESTION_CHARS = 2000
+
+
+def check_question(question, where: str = "the question") -> str:
+    """A question's text, or InputError when it is not text, empty, or longer than MAX_QUESTION_CHARS.
+
+    >>> check_question("  <image> What is this?  ")
+    '<image> What is this?'
+    """
+    from .errors import InputError
+
+    if not isinstance(question, str):
+        raise InputError(f"{where} is not text ({type(question).__name__})", fix="give the question as a string")
+    text = question.strip()
+    if not text.replace("<image>", "").strip():
+        raise InputError(f"{where} is empty", fix='ask something, e.g. "What is the capital of this country?"')
+    if len(text) > MAX_QUESTION_CHARS:
+        raise InputError(f"{where} is {len(text):,} characters long, over the limit of {MAX_QUESTION_CHARS:,}",
+                         fix="shorten it: one question about the image(s), not a document")
+    return text
+
+
+def unescape(text: str) -> str:
+    """Undo `escape` in an action's argument (the policy copies titles as it read them).
+
+    >>> unescape("AT&amp;T &lt;b&gt;")
+    'AT&T <b>'
+    """
+    return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+
+
 def image_block(n: int, perception: str) -> str:
     """How input image n is shown to the policy.
 
@@ -105,7 +136,7 @@ def parse_action(text: str, n_images: int) -> Action:
         return Action("invalid", "no complete action tag", think, text)
     if len(found) > 1:
         return Action("invalid", "more than one action in one turn", think, text)
-    kind, arg = found[0][0], " ".join(found[0][1].split())
+    kind, arg = found[0][0], unescape(" ".join(found[0][1].split()))
     if kind == "image_search":
         if not arg.isdigit() or not 1 <= int(arg) <= max(n_images, 0):
             return Action("invalid", f"image_search needs an image number 1..{n_images}, got {arg!r}", think, text)

@@ -186,7 +186,7 @@ def _episode(question: str, generator, index, cfg: Config, perceptions: Sequence
     def run_search(kind: str, arg: str, by_policy_text: str | None, think: str = "", g=None, t0=None):
         lines, recs = search(kind, arg, perceptions)
         if by_policy_text is None:  # pipeline: the loop itself writes the action
-            ep.add(f"<{kind}>{arg}</{kind}>", False)
+            ep.add(f"<{kind}>{grammar.escape(arg)}</{kind}>", False)
         ep.add(grammar.information(lines), False)
         hop = Hop(kind, arg, tuple(recs), round(time.perf_counter() - (t0 or time.perf_counter()), 3),
                   g.evaluated_tokens if g else 0, g.completion_tokens if g else 0, think, by_policy_text or "")

@@ -9,6 +9,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: loads real models or runs long; run with -m slow")
+    config.addinivalue_line("markers", "faults: the fault suite (kill -9 at numbered points, disk full, a reader "
+                                       "beside a writer); run with -m faults")
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from mmhops_lite.bundle import check_bundle
-from mmhops_lite.errors import IndexCorrupt
+from mmhops_lite.errors import CorruptFile, ParityFailed
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +50,10 @@ def test_merged_gguf_bundle_passes_parity_and_is_verified(tiny_lora, tmp_path):
     data = bytearray(p.read_bytes())
     data[len(data) // 2] ^= 0xFF
     p.write_bytes(bytes(data))
-    with pytest.raises(IndexCorrupt, match="policy.gguf"):
+    with pytest.raises(CorruptFile, match="policy.gguf"):
         check_bundle(tmp_path / "b")
     p.write_bytes(bytes(data[:1000]))
-    with pytest.raises(IndexCorrupt, match="truncated or altered"):
+    with pytest.raises(CorruptFile, match="truncated or altered"):
         api.generator(Config.resolve({"model.policy": str(tmp_path / "b")}, env={}))
 
 
@@ -62,7 +62,7 @@ def test_parity_gate_refuses_a_mismatched_export(tiny_lora, tmp_path, monkeypatc
 
     base, adapter = tiny_lora
     monkeypatch.setattr(bundle, "agreement", lambda a, b: 0.5)
-    with pytest.raises(IndexCorrupt, match="below the gate"):
+    with pytest.raises(ParityFailed, match="below the gate"):
         bundle.export_gguf(str(base), str(adapter), tmp_path / "c", quant="q8_0", prompts=4)
     assert not (tmp_path / "c").exists()
     man = bundle.export_gguf(str(base), str(adapter), tmp_path / "c", quant="q8_0", prompts=4, force=True)
@@ -102,7 +102,7 @@ def test_adapter_only_bundle_over_a_gguf_base(tiny_lora, tmp_path):
     data = bytearray(base_gguf.read_bytes())
     data[-10] ^= 0x01
     base_gguf.write_bytes(bytes(data))
-    with pytest.raises(IndexCorrupt, match="not the one this adapter bundle was made for"):
+    with pytest.raises(CorruptFile, match="not the one this adapter bundle was made for"):
         api.generator(Config.resolve({"model.policy": str(tmp_path / "a")}, env={}))
 
 
@@ -163,7 +163,7 @@ def test_onnx_bundle_parity_stock_session_and_tampering(tiny_lora, tmp_path, qua
     data = bytearray(onnx_path.read_bytes())
     data[len(data) // 3] ^= 0xFF
     onnx_path.write_bytes(bytes(data))
-    with pytest.raises(IndexCorrupt, match="model.onnx"):
+    with pytest.raises(CorruptFile, match="model.onnx"):
         api.generator(Config.resolve({"model.policy": str(tmp_path / "o")}, env={}))
 
 

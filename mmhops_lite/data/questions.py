@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import InputError
+from ..grammar import check_question
 from ..index.kb import read_jsonl
+from ..safeio import atomic_write
 from ..types import Question
 
 SPLITS = ("Bridge", "Compare")
@@ -31,8 +33,13 @@ def load_questions(path: str | Path, check_images: bool = True) -> list[Question
         if ptype == "Numerical" and (len(answer_eval) < 2 or not all(_is_num(x) for x in answer_eval[:2])):
             raise InputError(f"{where}: a Numerical question needs answer_eval [low, high]", path=path,
                              fix='e.g. "answer_eval": [2000000, 2200000]')
+        check_question(obj["problem"], f"{where} 'problem'")
+        raw = obj.get("images", []) or []
+        if not isinstance(raw, list) or not all(isinstance(x, str) and x.strip() for x in raw):
+            raise InputError(f"{where}: 'images' must be a list of image paths, not {json.dumps(raw)[:60]}",
+                             path=path, fix='e.g. "images": ["img/a.jpg"] (a list, even for one image)')
         images = []
-        for rel in obj.get("images", []) or []:
+        for rel in raw:
             p = Path(rel) if os.path.isabs(rel) else path.parent / rel
             if check_images and not p.is_file():
                 raise InputError(f"{where}: image {p} does not exist", path=p,
@@ -59,11 +66,6 @@ def write_questions(path: str | Path, questions: Iterable[dict]) -> int:
     """Write question dicts atomically; returns how many."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for q in questions:
-            f.write(json.dumps(q, ensure_ascii=False) + "\n")
-            n += 1
-    os.replace(tmp, path)
-    return n
+    rows = [json.dumps(q, ensure_ascii=False) + "\n" for q in questions]
+    atomic_write(path, "".join(rows))
+    return len(rows)

@@ -11,6 +11,8 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 
+from .. import grammar
+
 
 @dataclass(frozen=True)
 class Step:
@@ -178,12 +180,14 @@ THESE = ("these two {types}", "the two {types} shown", "the two {types} in the p
          "both {types} in the images")
 
 
-def fill(text: str, slots: dict) -> str:
-    """Fill {slots}; a capitalised slot name ({This}) capitalises its value."""
+def fill(text: str, slots: dict, escape: bool = False) -> str:
+    """Fill {slots}; a capitalised slot name ({This}) capitalises its value. escape=True escapes the values (for
+    text the policy writes: a KB title must never become a tag or a special token)."""
     def sub(m):
         key = m.group(1)
         val = str(slots.get(key, slots.get(key.lower(), m.group(0))))
-        return val[:1].upper() + val[1:] if key[:1].isupper() else val
+        val = val[:1].upper() + val[1:] if key[:1].isupper() else val
+        return grammar.escape(val) if escape else val
 
     return re.sub(r"\{(\w+)\}", sub, text)
 
@@ -201,6 +205,6 @@ def gold_turns_for(name: str, slots: dict, key: str) -> list[str] | None:
     turns = []
     for i, step in enumerate(t.plan):
         think = step.think[slots["branch"]] if isinstance(step.think, dict) else step.think
-        thought = fill(pick(think, f"{key}/{i}"), slots)
-        turns.append(f"<think>{thought}</think><{step.action}>{fill(step.arg, slots)}</{step.action}>")
+        thought = fill(pick(think, f"{key}/{i}"), slots, escape=True)
+        turns.append(f"<think>{thought}</think><{step.action}>{fill(step.arg, slots, escape=True)}</{step.action}>")
     return turns

@@ -62,18 +62,22 @@ def imagenet_labels() -> list[str]:
 # ---------------------------------------------------------------- loading and preprocessing
 
 def load_image(item, name: str | None = None):
-    """A PIL RGB image from a PIL image, a path or encoded bytes; transparency is composited on white."""
+    """A PIL RGB image from a PIL image, a path or encoded bytes; transparency is composited on white.
+
+    Images over the megapixel limit are refused from their header, before any pixel is decoded."""
     from PIL import Image, ImageOps
+
+    from ..index.kb import open_image
 
     label = name or (str(item) if isinstance(item, (str, Path)) else "<image bytes>")
     try:
         if isinstance(item, Image.Image):
             im = item
         elif isinstance(item, (str, Path)):
-            im = Image.open(Path(item).expanduser())
+            im = open_image(Path(item).expanduser(), label)
             im.draft("RGB", (512, 512))  # JPEG: decode at a reduced scale that still exceeds the 256 px resize
         elif isinstance(item, (bytes, bytearray, memoryview)):
-            im = Image.open(io.BytesIO(bytes(item)))
+            im = open_image(io.BytesIO(bytes(item)), label)
             im.draft("RGB", (512, 512))
         else:
             raise TypeError(f"unsupported image type {type(item).__name__}")

@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .. import faults
 from ..config import IndexConfig
-from ..errors import IndexCorrupt
+from ..errors import IndexCorrupt, WriteFailed
 from ..paths import sha256
+from ..safeio import fsync_dir
 from .index import FORMAT_VERSION, MANIFEST, STORE, BuildReport, Encoder, _encode_batches, _write_json_atomic, \
     writer_lock
 from .kb import KnowledgeBase, content_hash
@@ -26,6 +30,20 @@ def _file_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+@contextmanager
+def _writing(root: Path):
+    """A failed write (disk full, I/O error) becomes WriteFailed naming the folder; what was published stays."""
+    try:
+        yield
+    except (sqlite3.OperationalError, OSError) as exc:
+        if isinstance(exc, WriteFailed):
+            raise
+        why = "the disk is full" if "full" in str(exc) or getattr(exc, "errno", None) == 28 else str(exc)
+        raise WriteFailed(f"writing index {root} stopped: {why}; the last published index is unchanged and stays "
+                          "in use", path=root, fix=f"free space on the disk holding {root}, then run the same "
+                                                   "command again: it resumes") from exc
+
+
 def sync(root: str | Path, kb: KnowledgeBase, text_encoder: Encoder | None, image_encoder: Encoder | None,
          cfg: IndexConfig | None = None, *, prune: bool = True, progress: bool = True,
          reencode: bool = False) -> BuildReport:
@@ -35,7 +53,7 @@ def sync(root: str | Path, kb: KnowledgeBase, text_encoder: Encoder | None, imag
     root, cfg = Path(root), cfg or IndexConfig()
     t0 = time.perf_counter()
     added, removed, reused, rates = {}, {}, {}, {}
-    with writer_lock(root):
+    with writer_lock(root), _writing(root):
         store = Store(root / STORE)
         try:
             _check_store_encoders(store, root, {"passages": text_encoder, "images": image_encoder}, reencode)
@@ -59,12 +77,14 @@ def sync(root: str | Path, kb: KnowledgeBase, text_encoder: Encoder | None, imag
                 if gone:
                     store.delete(kind, gone)
                     store.commit()
+                    faults.point(f"sync:{kind}:pruned")
                 if todo and enc is None:
                     raise IndexCorrupt(f"no {kind} encoder given but the KB has {len(todo)} new {kind}")
 
-                def commit(chunk, vecs, put=put):
+                def commit(chunk, vecs, put=put, kind=kind):
                     put(chunk, vecs)
                     store.commit()
+                    faults.point(f"sync:{kind}:batch")
 
                 t1 = time.perf_counter()
                 n = _encode_batches(todo, encode, cfg.batch_size, commit, f"encoding {kind}", progress) if todo else 0
@@ -75,6 +95,7 @@ def sync(root: str | Path, kb: KnowledgeBase, text_encoder: Encoder | None, imag
             store.put_triples(kb.triples)
             store.set_meta("kb", {"path": str(kb.root.resolve())})
             store.commit()
+            faults.point("sync:triples")
             _publish(root, store, cfg, progress=progress)
         finally:
             store.close()
@@ -108,12 +129,21 @@ def remove(root: str | Path, ids: list[str], cfg: IndexConfig | None = None) -> 
     """Remove passages or images by id; returns how many of each were removed."""
     root = Path(root)
     _require_index(root)
-    with writer_lock(root):
+    with writer_lock(root), _writing(root):
         store = Store(root / STORE)
         try:
-            counts = {kind: store.delete(kind, ids) for kind in KINDS}
+            counts = {}
+            for kind in KINDS:  # one transaction per kind, in batches: a kill loses none of what was committed
+                counts[kind] = 0
+                step = max(1, (cfg or IndexConfig()).batch_size)
+                for i in range(0, len(ids), step):
+                    counts[kind] += store.delete(kind, ids[i:i + step])
+                    store.commit()
+                    faults.point(f"remove:{kind}")
             store.db.execute("DELETE FROM triples WHERE subject IN (SELECT value FROM json_each(?))", (json.dumps(ids),))
+            store.set_meta("dirty", True)
             store.commit()
+            faults.point("remove:triples")
             _publish(root, store, cfg or IndexConfig(), progress=False)
         finally:
             store.close()
@@ -126,7 +156,7 @@ def repair(root: str | Path, cfg: IndexConfig | None = None) -> dict:
     if not (root / STORE).is_file():
         raise IndexCorrupt(f"{root} has no {STORE}: nothing to repair from", path=root / STORE,
                            fix=f"build it: mmhops-lite index build KB_DIR -o {root}")
-    with writer_lock(root):
+    with writer_lock(root), _writing(root):
         store = Store(root / STORE)
         try:
             ok = store.integrity()
@@ -147,20 +177,33 @@ def _require_index(root: Path) -> None:
 def _old_graph(root: Path, man: dict | None, kind: str, dim: int, cfg: IndexConfig) -> VectorIndex | None:
     """The current graph, if the manifest names one that is intact: adding to it beats rebuilding."""
     entry = (man or {}).get("files", {}).get(kind)
-    if not entry or man["encoders"].get(kind, {}).get("dim") != dim:
+    if not entry or man["encoders"].get(kind, {}).get("dim") != dim or man.get("M", cfg.M) != cfg.M:
         return None
     p = root / entry["name"]
-    if not p.is_file() or p.stat().st_size != entry["size"] or sha256(p) != entry["sha256"]:
+    if p.is_symlink() or not p.is_file() or p.stat().st_size != entry["size"] or sha256(p) != entry["sha256"]:
         return None
-    return VectorIndex.load(p, dim, cfg.ef_search, cfg.M, cfg.ef_construction)
+    try:
+        return VectorIndex.load(p, dim, cfg.ef_search, cfg.M, cfg.ef_construction, elements=entry.get("elements"))
+    except IndexCorrupt:
+        return None
 
 
 def _publish(root: Path, store: Store, cfg: IndexConfig, *, progress: bool, fresh: bool = False) -> dict:
-    """Bring the graphs up to the store, save them under a new generation, then switch the manifest."""
+    with faults.section("publish"):
+        return _publish_now(root, store, cfg, fresh=fresh)
+
+
+def _publish_now(root: Path, store: Store, cfg: IndexConfig, *, fresh: bool = False) -> dict:
+    """Bring the graphs up to the store, save them under a new generation, then switch the manifest.
+
+    The manifest's atomic rename is the commit point: before it, readers open the previous generation; after it,
+    the new one. The previous generation's graphs are kept until the next publish, so a reader that read the old
+    manifest a moment before the switch still finds its files."""
     gen = int(store.get_meta("generation", 0) or 0) + 1
     try:
         old = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        gen = max(gen, int(old.get("generation", 0)) + 1)
+    except (OSError, json.JSONDecodeError, TypeError, ValueError, AttributeError):
         old = None
     encoders = store.get_meta("encoders", {}) or {}
     files = {}
@@ -180,9 +223,12 @@ def _publish(root: Path, store: Store, cfg: IndexConfig, *, progress: bool, fres
             labs, vecs = store.vectors(kind, dim, new[i:i + 5000])
             vi.add(labs, vecs)
         vi.mark_deleted(present - live)
+        faults.point(f"{kind}:graph")
         name = f"{kind}-{gen:06d}.hnsw"
         vi.save(root / name)
-        files[kind] = {"name": name, "size": (root / name).stat().st_size, "sha256": sha256(root / name)}
+        faults.point(f"{kind}:saved")
+        files[kind] = {"name": name, "size": (root / name).stat().st_size, "sha256": sha256(root / name),
+                       "elements": vi.elements}
     manifest = {
         "format_version": FORMAT_VERSION,
         "generation": gen,
@@ -196,12 +242,18 @@ def _publish(root: Path, store: Store, cfg: IndexConfig, *, progress: bool, fres
         "store": STORE,
         "kb": store.get_meta("kb"),
     }
+    faults.point("manifest")
     _write_json_atomic(root / MANIFEST, manifest)
+    faults.point("switched")
     store.set_meta("generation", gen)
     store.set_meta("dirty", False)
     store.commit()
-    keep = {f["name"] for f in files.values()}
-    for p in root.glob("*.hnsw*"):
+    faults.point("store")
+    keep = {f["name"] for f in files.values()} | {f.get("name") for f in (old or {}).get("files", {}).values()
+                                                  if isinstance(f, dict)}
+    for p in list(root.glob("*.hnsw")) + list(root.glob(".*.tmp-*")):
         if p.name not in keep:
             p.unlink(missing_ok=True)
+            faults.point("cleaned")
+    fsync_dir(root)
     return manifest

@@ -4,6 +4,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import numpy as np
 from ..config import IndexConfig, SearchConfig
 from ..errors import IndexCorrupt, IndexLocked, InputError
 from ..paths import sha256
+from ..safeio import atomic_json, open_lock
 from ..types import Entity, PassageHit
 from .store import Store
 from .vectors import VectorIndex
@@ -22,6 +24,8 @@ from .vectors import VectorIndex
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STORE = "store.sqlite"
+GRAPH_NAME = re.compile(r"(passages|images)-(\d{6})\.hnsw")
+OPEN_WAIT_S = 10.0  # how long an open keeps retrying while a writer publishes a new generation
 
 
 class Encoder(Protocol):
@@ -45,20 +49,15 @@ class BuildReport:
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_json(path, obj, what="index")
 
 
 @contextmanager
 def writer_lock(root: Path):
-    """Exclusive writer lock (flock: released by the kernel even after kill -9)."""
+    """Exclusive writer lock (flock: released by the kernel even after kill -9); the lock file is never
+    followed through a symbolic link."""
     root.mkdir(parents=True, exist_ok=True)
-    fh = open(root / ".lock", "a+")
+    fh = open_lock(root / ".lock")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:
@@ -68,12 +67,16 @@ def writer_lock(root: Path):
     try:
         fh.seek(0)
         fh.truncate()
-        fh.write(f"{os.getpid()}\n")
+        fh.write(f"{os.getpid()}\n".encode())
         fh.flush()
         yield
     finally:
         fcntl.flock(fh, fcntl.LOCK_UN)
         fh.close()
+
+
+class _Moved(Exception):
+    """The manifest changed while an open was reading it: a writer published; open again."""
 
 
 class MultimodalIndex:
@@ -85,24 +88,57 @@ class MultimodalIndex:
         self.cfg = cfg or IndexConfig()
         self.search_cfg = search_cfg or SearchConfig()
         self.text_encoder, self.image_encoder = text_encoder, image_encoder
-        self.manifest = self._check(verify)
-        self.store = Store(self.root / STORE, readonly=True)
-        gen = self.store.get_meta("generation")
-        if gen != self.manifest["generation"]:
-            raise IndexCorrupt(f"index {self.root} was interrupted during a write (store generation {gen}, "
-                               f"manifest {self.manifest['generation']})", path=self.root / STORE,
-                               fix=f"run: mmhops-lite index repair {self.root}")
+        deadline = time.monotonic() + OPEN_WAIT_S
+        while True:
+            try:
+                self._open(verify)
+                break
+            except _Moved:
+                if time.monotonic() > deadline:
+                    raise IndexCorrupt(f"index {self.root} kept changing for {OPEN_WAIT_S:.0f}s while being opened",
+                                       path=self.root, fix="open it again once the writer has finished") from None
+                time.sleep(0.02)
         self._check_encoders()
-        self.vectors: dict[str, VectorIndex] = {}
-        for kind in ("passages", "images"):
-            entry = self.manifest["files"].get(kind)
-            if entry:
-                dim = self.manifest["encoders"][kind]["dim"]
-                self.vectors[kind] = VectorIndex.load(self.root / entry["name"], dim, self.cfg.ef_search)
 
     # opening ----------------------------------------------------------------------------------------
+    def _open(self, verify: bool) -> None:
+        """Read the manifest, check and load every file it names. A failure while a writer switches generations
+        (the manifest changed under us) retries; any other failure is the index's own and is raised.
+
+        The store may run ahead of the graphs (a write committed records, then stopped before publishing): a
+        graph hit the store no longer holds is dropped, and a record not yet in a graph is found by BM25 only."""
+        mpath = self.root / MANIFEST
+        before = _stat_key(mpath)
+        store = None
+        try:
+            self.manifest = self._check(verify)
+            store = Store(self.root / STORE, readonly=True)
+            vectors: dict[str, VectorIndex] = {}
+            for kind in ("passages", "images"):
+                entry = self.manifest["files"].get(kind)
+                if entry:
+                    dim = self.manifest["encoders"][kind]["dim"]
+                    vectors[kind] = VectorIndex.load(self.root / entry["name"], dim, self.cfg.ef_search,
+                                                     self.manifest.get("M", self.cfg.M),
+                                                     elements=entry.get("elements"))
+        except (IndexCorrupt, OSError) as exc:
+            if store is not None:
+                store.close()
+            if _stat_key(mpath) != before:
+                raise _Moved() from exc
+            if isinstance(exc, OSError):
+                raise IndexCorrupt(f"index {self.root} cannot be read: {exc}", path=self.root,
+                                   fix=f"run: mmhops-lite index repair {self.root}") from exc
+            raise
+        if _stat_key(mpath) != before:
+            store.close()
+            raise _Moved()
+        self.store, self.vectors = store, vectors
+
     def _check(self, verify: bool) -> dict:
         mpath = self.root / MANIFEST
+        if mpath.is_symlink():
+            raise IndexCorrupt(f"{mpath} is a symbolic link", path=mpath, fix="an index folder holds its own files")
         if not mpath.is_file():
             hint = "an interrupted build resumes if you run it again" if (self.root / STORE).exists() else \
                 "build one with: mmhops-lite index build KB_DIR -o " + str(self.root)
@@ -115,9 +151,10 @@ class MultimodalIndex:
         if man.get("format_version") != FORMAT_VERSION:
             raise IndexCorrupt(f"{mpath} has format version {man.get('format_version')}, this mmhops-lite reads "
                                f"{FORMAT_VERSION}", path=mpath, fix="rebuild the index with this version")
-        for kind, entry in man.get("files", {}).items():
+        _check_fields(man, mpath, self.root)
+        for kind, entry in man["files"].items():
             p = self.root / entry["name"]
-            if not p.is_file():
+            if p.is_symlink() or not p.is_file():
                 raise IndexCorrupt(f"index file {p} is missing", path=p, fix=f"run: mmhops-lite index repair {self.root}")
             if p.stat().st_size != entry["size"]:
                 raise IndexCorrupt(f"index file {p} is truncated or altered ({p.stat().st_size} bytes, manifest "
@@ -125,6 +162,9 @@ class MultimodalIndex:
             if verify and sha256(p) != entry["sha256"]:
                 raise IndexCorrupt(f"index file {p} does not match its checksum", path=p,
                                    fix=f"run: mmhops-lite index repair {self.root}")
+        if (self.root / STORE).is_symlink():
+            raise IndexCorrupt(f"{self.root / STORE} is a symbolic link", path=self.root / STORE,
+                               fix="an index folder holds its own files; rebuild it")
         return man
 
     def _check_encoders(self) -> None:
@@ -201,6 +241,42 @@ class MultimodalIndex:
     def info(self) -> dict:
         """The manifest plus live counts."""
         return {**self.manifest, "path": str(self.root)}
+
+
+def _stat_key(path: Path):
+    """What changes when a file is replaced (inode, size, mtime), or None when it is absent."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _check_fields(man, mpath: Path, root: Path) -> None:
+    """Refuse a manifest whose fields would make the reader touch anything but this index's own files."""
+    def bad(why: str):
+        return IndexCorrupt(f"{mpath} is not a manifest this index wrote: {why}", path=mpath,
+                            fix="do not use this folder as an index; rebuild it from its KB")
+
+    if not isinstance(man, dict) or not isinstance(man.get("files"), dict) or not isinstance(man.get("encoders"), dict):
+        raise bad("files/encoders missing")
+    if not isinstance(man.get("generation"), int) or man.get("store", STORE) != STORE:
+        raise bad("generation/store fields are wrong")
+    if not isinstance(man.get("M", 32), int) or not 2 <= man.get("M", 32) <= 256:
+        raise bad(f"M is {man.get('M')!r}")
+    for kind, entry in man["files"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise bad(f"entry {kind!r} has no file name")
+        m = GRAPH_NAME.fullmatch(entry["name"])
+        if kind not in ("passages", "images") or not m or m.group(1) != kind:
+            raise bad(f"file name {entry['name']!r} for {kind!r} is not '{kind}-NNNNNN.hnsw' inside {root}")
+        if not isinstance(entry.get("size"), int) or not isinstance(entry.get("sha256"), str):
+            raise bad(f"entry {kind!r} lacks its size or sha256")
+        if "elements" in entry and not isinstance(entry["elements"], int):
+            raise bad(f"entry {kind!r} has a non-integer element count")
+        enc = man["encoders"].get(kind)
+        if not isinstance(enc, dict) or not isinstance(enc.get("dim"), int) or not 1 <= enc["dim"] <= 8192:
+            raise bad(f"the {kind} encoder's dimension is {enc!r}")
 
 
 def _ngrams(query: str, longest: int = 6) -> list[str]:

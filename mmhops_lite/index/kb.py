@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import InputError
+from ..safeio import inside
 from ..types import ImageRecord, Passage, Triple
 
 REQUIRED = {
@@ -51,15 +52,44 @@ def content_hash(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:16]
 
 
+MAX_PIXELS = 40_000_000  # a 40-megapixel photo decodes to 120 MB; more is refused before decoding
+
+
+def check_pixels(im, label: str) -> None:
+    """Refuse an opened (not yet decoded) image above MAX_PIXELS: a decompression bomb never gets decoded."""
+    w, h = im.size
+    if w * h > MAX_PIXELS:
+        raise InputError(f"image {label} is {w}x{h} ({w * h / 1e6:.0f} megapixels), over the "
+                         f"{MAX_PIXELS // 1_000_000}-megapixel limit", path=label,
+                         fix="downscale it first, e.g. to 4000 px on its longer side")
+
+
+def open_image(src, label: str):
+    """PIL's lazy open (header only), refusing images over MAX_PIXELS before a pixel is decoded."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(src)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError(f"image {label} is over the {MAX_PIXELS // 1_000_000}-megapixel limit ({exc})", path=label,
+                         fix="downscale it first, e.g. to 4000 px on its longer side") from exc
+    check_pixels(im, label)
+    return im
+
+
 def check_image(path: Path, where: str) -> None:
-    """Open and verify an image, or raise InputError naming it."""
-    from PIL import Image, UnidentifiedImageError
+    """Open and verify an image (header and size; the pixels are not decoded), or raise InputError naming it."""
+    from PIL import UnidentifiedImageError
 
     if not path.is_file():
         raise InputError(f"image {path} (from {where}) does not exist", path=path,
                          fix="fix the 'path' field (relative to the KB folder) or add the file")
     try:
-        with Image.open(path) as im:
+        with open_image(path, f"{path} (from {where})") as im:
             im.verify()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"image {path} (from {where}) is not a readable image: {exc}", path=path,
@@ -87,7 +117,7 @@ class KnowledgeBase:
         if files["images.jsonl"].is_file():
             self.images = self._unique(files["images.jsonl"], ImageRecord)
             for im in self.images:
-                p = self.image_path(im)
+                p = inside(self.root, im.path, "image", f"{files['images.jsonl']} id={im.id}")
                 if check_images:
                     check_image(p, f"{files['images.jsonl']} id={im.id}")
         if files["triples.jsonl"].is_file():
@@ -105,6 +135,5 @@ class KnowledgeBase:
         return out
 
     def image_path(self, im: ImageRecord) -> Path:
-        """Absolute path of a KB image (paths in images.jsonl are relative to the KB folder)."""
-        p = Path(im.path)
-        return p if p.is_absolute() else self.root / p
+        """Path of a KB image: paths in images.jsonl are relative to the KB folder and may not leave it."""
+        return inside(self.root, im.path, "image", f"{self.root / 'images.jsonl'} id={im.id}")

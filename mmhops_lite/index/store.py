@@ -9,6 +9,7 @@ from typing import Iterable
 
 import numpy as np
 
+from .. import faults
 from ..errors import IndexCorrupt
 from ..types import ImageRecord, Passage, Triple
 
@@ -39,6 +40,9 @@ class Store:
 
     def __init__(self, path: Path, readonly: bool = False):
         self.path = path
+        if Path(path).is_symlink():
+            raise IndexCorrupt(f"{path} is a symbolic link; an index keeps its own store", path=path,
+                               fix=f"rebuild the index in a new folder: mmhops-lite index build KB_DIR -o DIR")
         try:
             if readonly:
                 self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
@@ -94,6 +98,7 @@ class Store:
         return n
 
     def commit(self) -> None:
+        faults.no_space(self.path)
         self.db.commit()
 
     # reads ------------------------------------------------------------------------------------------

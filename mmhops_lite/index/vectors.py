@@ -1,13 +1,17 @@
 """hnswlib wrapper: checks dimensions before add, sets ef again on every load, saves atomically."""
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 import numpy as np
 
+from .. import faults
 from ..errors import IndexCorrupt, InputError
 from ..paths import free_cores
+from ..safeio import failed, fsync_dir, temp_name
+from .graphfile import check_graph
 
 
 class VectorIndex:
@@ -24,10 +28,12 @@ class VectorIndex:
         self.deleted: set[int] = set()
 
     @classmethod
-    def load(cls, path: Path, dim: int, ef_search: int, M: int = 32, ef_construction: int = 200) -> "VectorIndex":
-        """Load a saved graph; a truncated or foreign file raises IndexCorrupt."""
+    def load(cls, path: Path, dim: int, ef_search: int, M: int = 32, ef_construction: int = 200,
+             elements: int | None = None) -> "VectorIndex":
+        """Load a saved graph; a truncated, foreign or crafted file raises IndexCorrupt before hnswlib reads it."""
         import hnswlib
 
+        check_graph(path, dim, M, elements)
         self = cls.__new__(cls)
         self.dim, self.M, self.efc, self.ef = dim, M, ef_construction, ef_search
         self._hnsw = hnswlib.Index(space="cosine", dim=dim)
@@ -91,10 +97,29 @@ class VectorIndex:
                 k = max(1, k // 2)
         return [(int(lab), float(1.0 - d)) for lab, d in zip(labels[0], dists[0])]
 
+    @property
+    def elements(self) -> int:
+        """Elements stored in the graph file, deleted ones included (what its header counts)."""
+        return self._hnsw.get_current_count()
+
     def save(self, path: Path) -> None:
-        """Write to a temporary name, fsync, then rename: a reader never sees half a file."""
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        self._hnsw.save_index(str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        """Write to a temporary name, check the whole file, fsync, then rename: a reader never sees half a file.
+
+        hnswlib does not check its output stream, so a full disk leaves a short file behind a successful call;
+        the check catches it and the old graph stays in use (WriteFailed names the folder)."""
+        tmp = temp_name(path)
+        try:
+            self._hnsw.save_index(str(tmp))
+            faults.cut_short(tmp, path)
+            try:
+                check_graph(tmp, self.dim, self.M, self.elements)
+            except IndexCorrupt as exc:
+                raise OSError(errno.EIO, f"the written graph is incomplete, is the disk full? ({exc})") from exc
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            faults.point(f"graph:{path.name}:checked")
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise failed(path, exc, "index") from exc

@@ -231,7 +231,7 @@ def _write(q: Question, images: list, path: tuple, evidence, entities: list[str]
         else:
             found = say("read", p=prev.subject)
         nxt = say("first" if prev is None else "then", s=s.subject)
-        turns.append(f"<think>{found} {nxt}</think><text_search>{s.arg}</text_search>")
+        turns.append(f"<think>{found} {nxt}</think><text_search>{grammar.escape(s.arg)}</text_search>")
         pairs.append(("text_search", s.arg))
         prev = s
     if len(nums) == 2 and None not in nums.values():
@@ -241,7 +241,7 @@ def _write(q: Question, images: list, path: tuple, evidence, entities: list[str]
         final = say("found", t=where, a=q.answer)
     else:
         final = say("both", x=entities[0], y=entities[1], a=q.answer)
-    turns.append(f"<think>{final}</think><answer>{q.answer}</answer>")
+    turns.append(f"<think>{final}</think><answer>{grammar.escape(q.answer)}</answer>")
     pairs.append(("answer", q.answer))
     why = "both compared entities read" if len(nums) == 2 else f"answer read in the passage on {where}"
     return Discovery(turns, pairs, f"{why} after {len(path)} text search(es)")
