@@ -12,8 +12,15 @@ from pathlib import Path
 from typing import Sequence
 
 from mmhops_lite import grammar
-from mmhops_lite.bundle import FORMAT, _listed_names, _manifest, bundle_generator, check_bundle, is_bundle, \
-    owned_files_only
+from mmhops_lite.bundle import (
+    FORMAT,
+    _listed_names,
+    _manifest,
+    bundle_generator,
+    check_bundle,
+    is_bundle,
+    owned_files_only,
+)
 from mmhops_lite.errors import CorruptFile, InputError, ParityFailed
 from mmhops_lite.paths import sha256
 from mmhops_lite.safeio import atomic_json, remove_tree, swap_dirs

