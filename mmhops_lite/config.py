@@ -55,6 +55,8 @@ class ModelConfig:
     backend: str = _f("llamacpp", "generator backend: llamacpp, torch or onnx (an exported ONNX folder)")
     n_ctx: int = _f(4096, "context window in tokens")
     threads: int = _f(0, "CPU threads; 0 = the cores not busy with other processes")
+    merge: bool = _f(True, "llama.cpp: fold a GGUF adapter into one cached Q8_0 policy file (faster prompts) "
+                           "instead of applying it at run time")
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,20 @@ def messages(question: str, perceptions: Sequence[str]) -> list[dict]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user_message(question, perceptions)}]
 
 
+def system_prefix(render: Callable[[Sequence[dict]], str]) -> str:
+    """The rendered text every episode's prompt starts with (chat template + system prompt + the user turn's
+    opening), whatever the question: what a backend can cache once.
+
+    >>> system_prefix(render_chatml).endswith("<|im_start|>user\\n")
+    True
+    """
+    a, b = render(messages("a", [])), render(messages("b", []))
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:a.rfind("\n", 0, n) + 1]  # end on a line break: tokens never merge across it
+
+
 def information(lines: Sequence[str]) -> str:
     """An <information> block written by the loop (already escaped), on its own lines."""
     body = "\n".join(lines) if lines else "no results"

@@ -36,13 +36,30 @@ def sha256(path: str | os.PathLike) -> str:
 
 
 def free_cores() -> int:
-    """Cores not busy with other processes (at least 1): torch slows ~10x when it oversubscribes."""
+    """Cores not busy with other processes (at least 1): torch slows ~10x when it oversubscribes.
+
+    Read from the kernel's count of runnable tasks now (a few samples of /proc/loadavg's fourth field), not from
+    the load average: that lags by a minute, so a job started right after another ended would take one thread
+    for its whole run. MMHOPS_THREADS=N overrides the estimate."""
+    forced = os.environ.get("MMHOPS_THREADS", "")
+    if forced.isdigit() and int(forced) > 0:
+        return int(forced)
     n = os.cpu_count() or 1
     try:
-        load1 = os.getloadavg()[0]
-    except OSError:  # pragma: no cover - not on every platform
-        return n
-    return max(1, min(n, round(n - load1 + 0.5)))
+        import time
+
+        samples = []
+        for _ in range(5):
+            with open("/proc/loadavg", encoding="ascii") as f:
+                samples.append(int(f.read().split()[3].split("/")[0]))
+            time.sleep(0.002)
+        busy = sorted(samples)[len(samples) // 2] - 1  # minus this process, which is running while it reads
+    except (OSError, ValueError, IndexError):
+        try:
+            busy = os.getloadavg()[0]
+        except OSError:  # pragma: no cover - not on every platform
+            return n
+    return max(1, min(n, round(n - busy + 0.25)))
 
 
 LLAMA_CPP_VERSION = "0.3.36"

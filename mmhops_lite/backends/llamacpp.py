@@ -37,6 +37,7 @@ class LlamaCppGenerator:
             raise ModelNotFound(f"llama.cpp cannot load {path}: {exc}", path=path,
                                 fix="check the file is a complete GGUF (mmhops-lite models verify)") from exc
         self.id = path.name + (f"+{Path(lora_path).name}" if lora_path else "")
+        self.path, self.lora_path = path, Path(lora_path) if lora_path else None
         # Training sets record_logprobs: each sampled Generation then carries the drawn tokens llama.cpp evaluated
         # and the sampler's log-probability of each (Generation.tokens / .logprobs).
         self.record_logprobs = False
@@ -65,6 +66,52 @@ class LlamaCppGenerator:
 
     def count_tokens(self, text: str) -> int:
         return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+    def prime(self, prefix: str) -> str:
+        """Start from the KV cache of `prefix` (the system prompt every episode opens with): loaded from the disk
+        cache when a verified copy exists, else evaluated once and saved there. A fresh process then skips
+        evaluating those tokens. Returns "loaded", "saved" or "skipped" (a cache already in use, or a short prefix).
+
+        The cache file is named by the model file's sha256, llama.cpp's version and the prefix tokens, and holds
+        the sha256 of its payload: a file that does not verify is recomputed, never loaded."""
+        import ctypes
+        import hashlib
+
+        import llama_cpp
+
+        from ..paths import cache_dir
+        from ..registry import sha256_file
+        from ..safeio import atomic_write
+
+        toks = self.tokenize(prefix)
+        if len(toks) < 16 or self.llm.n_tokens or len(toks) >= self.n_ctx // 2:
+            return "skipped"
+        lora = sha256_file(self.lora_path) if self.lora_path else ""
+        ident = f"{sha256_file(self.path)}|{lora}|{llama_cpp.__version__}|{','.join(map(str, toks))}"
+        path = cache_dir("kv") / (hashlib.sha256(ident.encode()).hexdigest()[:32] + ".kv")
+        ctx = self.llm._ctx.ctx
+        try:
+            blob = path.read_bytes()
+            head, payload = blob[:len(_KV_MAGIC) + 32], blob[len(_KV_MAGIC) + 32:]
+            if head[:len(_KV_MAGIC)] == _KV_MAGIC and hashlib.sha256(payload).digest() == head[len(_KV_MAGIC):]:
+                buf = (ctypes.c_uint8 * len(payload)).from_buffer_copy(payload)
+                if llama_cpp.llama_state_seq_set_data(ctx, buf, len(payload), 0) == len(payload):
+                    self.llm.input_ids[:len(toks)] = toks
+                    self.llm.n_tokens = len(toks)
+                    return "loaded"
+                self.llm.reset()
+        except OSError:
+            pass
+        self.llm.eval(toks)
+        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        got = llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0)
+        payload = bytes(buf)[:got]
+        try:
+            atomic_write(path, _KV_MAGIC + hashlib.sha256(payload).digest() + payload)
+        except Exception:  # noqa: BLE001 - a cache that cannot be written only costs speed next time
+            pass
+        return "saved"
 
     def generate(self, prompt: str, stop: Sequence[str], max_tokens: int = 256, temperature: float = 0.0,
                  seed: int | None = None) -> Generation:
@@ -144,6 +191,9 @@ class LlamaCppGenerator:
         self.llm.reset()
         if self._multi is not None:
             self._multi.clear()
+
+
+_KV_MAGIC = b"MMHOPS-KV1"
 
 
 def _close_if_alive(ref) -> None:

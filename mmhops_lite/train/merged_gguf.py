@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from ..errors import require
+from ..backends.merged import write_merged
 from .policy import GGUFLayout
 
 
@@ -43,21 +44,12 @@ class MergedGGUF:
     def write(self, net) -> Path:
         """Fold the LoRA of `net` into the file (first call: lay the whole file out; later: matrices only)."""
         gguf = require("gguf", "all")
-        import numpy as np
 
         deltas = lora_deltas(net, self.layout)
-        q8 = gguf.GGMLQuantizationType.Q8_0
-        if not self.base:
-            reader = gguf.GGUFReader(str(self.base_gguf))
-            by_name = {t.name: t for t in reader.tensors}
-            missing = sorted(set(deltas) - set(by_name))
-            if missing:
-                raise ValueError(f"{self.base_gguf} has no tensor {missing[0]} for the LoRA to merge into")
-            for name in deltas:
-                t = by_name[name]
-                self.base[name] = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-            self._lay_out(reader, deltas)
+        if not self.offsets:
+            self.offsets = write_merged(self.base_gguf, deltas, self.path, self.base)
             return self.path
+        q8 = gguf.GGMLQuantizationType.Q8_0
         with open(self.path, "r+b") as f:
             for name, d in deltas.items():
                 data = gguf.quants.quantize(self.base[name] + d, q8)
@@ -66,31 +58,3 @@ class MergedGGUF:
             f.flush()
             os.fsync(f.fileno())
         return self.path
-
-    def _lay_out(self, reader, deltas: dict) -> None:
-        gguf = require("gguf", "all")
-        q8 = gguf.GGMLQuantizationType.Q8_0
-        tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
-        w = gguf.GGUFWriter(str(tmp), self.layout.arch)
-        for key, field in reader.fields.items():
-            if key.startswith("GGUF.") or key == "general.architecture":
-                continue
-            types = field.types
-            value = field.contents()
-            if key == "general.file_type":
-                value = int(gguf.LlamaFileType.MOSTLY_Q8_0)
-            w.add_key_value(key, value, types[0], types[1] if len(types) > 1 else None)
-        for t in reader.tensors:
-            if t.name in deltas:
-                w.add_tensor(t.name, gguf.quants.quantize(self.base[t.name] + deltas[t.name], q8), raw_dtype=q8)
-            elif t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-                w.add_tensor(t.name, t.data)
-            else:
-                w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, self.path)
-        laid = gguf.GGUFReader(str(self.path))
-        self.offsets = {t.name: int(t.data_offset) for t in laid.tensors if t.name in deltas}
