@@ -216,9 +216,7 @@ def kb_demo(out: Path = typer.Option(..., "-o", "--out", help="Folder to write t
 
     [bold]Example[/bold]: mmhops-lite kb demo -o ~/demo-kb && mmhops-lite index build ~/demo-kb -o ~/demo-index
     """
-    from mmhops_lite.data.demo_kb import build_demo_kb
-
-    man = _run(build_demo_kb, out, progress=not quiet)
+    man = _run(api.build_demo_kb, out, progress=not quiet)
     console.print(f"[green]demo KB written[/green] to {out}: {man.get('counts')}")
 
 
@@ -230,12 +228,7 @@ def demo(quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress ba
 
     [bold]Example[/bold]: mmhops-lite demo
     """
-    cfg = _run(_cfg)
-    idx_path = _run(api.ensure_demo_index, cfg, progress=not quiet)
-    image, question = _run(api.demo_question, cfg)
-    if not as_json:
-        console.rule(f"mmhops-lite ask {image} {question!r}")
-    tr = _run(api.ask, [image], question, cfg, idx_path, on_event=None if as_json else _render_event)
+    tr = _run(api.demo, _run(_cfg), progress=not quiet, on_event=None if as_json else _render_event)
     if as_json:
         print(json.dumps(tr.to_dict(), ensure_ascii=False, indent=2))
     else:
@@ -249,7 +242,10 @@ app.add_typer(data_app, name="data")
 
 def _render_event(kind: str, payload) -> None:
     """Show the trace as it happens: perception, each hop with what came back, then the answer."""
-    if kind == "perception":
+    if kind == "question":
+        image, question = payload
+        console.rule(f"mmhops-lite ask {image} {question!r}")
+    elif kind == "perception":
         for i, p in enumerate(payload, 1):
             console.print(f"[bold cyan]image {i}[/bold cyan] {escape(p.text)}", highlight=False)
     elif kind == "hop":
@@ -395,46 +391,20 @@ def data_synth(
         console.print(f"  {side}: {rows}")
 
 
-@app.command("train")
 def train_cmd(
     questions: Optional[Path] = typer.Argument(None, help="Training questions (default: the demo train split)."),
-    lora: bool = typer.Option(True, "--lora/--full", help="Train a LoRA adapter (full fine-tuning is not offered)."),
+    lora: bool = typer.Option(True, "--lora", help="Train a LoRA adapter (the only mode: full fine-tuning is not "
+                                                   "offered; the flag is accepted for clarity)."),
     sft: bool = typer.Option(True, "--sft/--no-sft", help="Warm start on gold trajectories (image search -> text "
                                                           "search -> answer) before RL."),
     index: Optional[Path] = typer.Option(None, "--index", help="Index the rollouts search (default: demo index)."),
     model: Optional[str] = typer.Option(None, "--model", help="Base policy: registry name, .gguf or HF folder."),
     out: Path = typer.Option(Path("runs/train"), "-o", "--out", help="Run folder: checkpoints, logs, adapter. "
                                                                     "Re-running resumes it."),
-    rank: int = typer.Option(16, "--rank", help="LoRA rank."),
-    alpha: int = typer.Option(32, "--alpha", help="LoRA alpha."),
-    targets: str = typer.Option("all-linear", "--targets", help="LoRA target modules, e.g. q_proj,v_proj."),
-    steps: int = typer.Option(40, "--steps", help="GRPO steps (0 = SFT only)."),
-    group_size: int = typer.Option(4, "--group-size", help="Rollouts per question (the GRPO group)."),
-    per_step: int = typer.Option(2, "--questions-per-step", help="Questions per GRPO step."),
-    loss: str = typer.Option("dr_grpo", "--loss", help="grpo | dr_grpo | reinforce."),
-    kl: float = typer.Option(0.0, "--kl", help="KL coefficient to the base policy (0 = off)."),
-    temperature: float = typer.Option(1.0, "--temperature", help="Rollout sampling temperature."),
-    engine: str = typer.Option("llamacpp", "--engine", help="Rollout engine: llamacpp (the current policy as a "
-                                                            "GGUF, refreshed each step) or torch (the live model)."),
-    rollout_weights: str = typer.Option("merged", "--rollout-weights", help="llamacpp engine: merged (LoRA folded "
-                                        "into a Q8_0 copy of the base, fastest) or adapter (GGUF LoRA over the base)."),
-    rollouts: str = typer.Option("batched", "--rollouts", help="batched (a step's rollouts decoded side by side, "
-                                 "shared prompts read once) or sequential (one rollout after another)."),
-    update_dtype: str = typer.Option("auto", "--update-dtype", help="SFT and GRPO update precision: auto (bf16 autocast where the "
-                                     "CPU has AMX bf16 tiles), bf16 or fp32."),
-    grpo_lr: float = typer.Option(5e-5, "--grpo-lr", help="GRPO learning rate."),
-    reward: str = typer.Option("", "--reward", help="Reward weights as name=value pairs (defaults: outcome=1,format=0.2,"
-                               "action=0.3,f1=0,coverage=0; f1=1 gives wrong string answers token-F1 credit, "
-                               "coverage=1 pays the action part per gold entity/passage found)."),
-    sft_examples: int = typer.Option(240, "--sft-examples", help="Gold trajectories for the warm start."),
-    sft_epochs: int = typer.Option(1, "--sft-epochs", help="Passes over the gold trajectories."),
-    discover_share: float = typer.Option(0.25, "--discover-share", help="Share of templated questions taught by "
-                                         "an answer-guided discovered path instead of their template's plan."),
-    rejection_samples: int = typer.Option(4, "--rejection-samples", help="Rollouts of the starting policy for each "
-                                          "question no trajectory was found for; correct ones become SFT data "
-                                          "(0 = off)."),
-    lr: float = typer.Option(2e-4, "--lr", help="Learning rate."),
-    seed: int = typer.Option(0, "--seed", help="Seed for data order."),
+    reward: str = typer.Option("", "--reward", help="Reward weights and options as name=value pairs, e.g. "
+                               "action=0.5,coverage=1. " + "; ".join(
+                                   f"{n} ({w:g}): {h}" for n, (w, h) in api.reward_parts().items()) + "."),
+    **options,
 ):
     """Train the policy with LoRA on multi-hop questions over your index, resumable across sittings.
 
@@ -443,18 +413,7 @@ def train_cmd(
       mmhops-lite train q/train.jsonl --index idx/ --lora --sft -o runs/mine
       accelerate launch --multi_gpu --num_processes 2 cli.py train --lora -o runs/dp   # data parallel (CPU)
     """
-    from mmhops_lite.rewards import Weights
-    from mmhops_lite.train.grpo import GRPOConfig
-    from mmhops_lite.train.policy import LoraSpec
-    from mmhops_lite.train.sft import SFTConfig
-
-    if not lora:
-        err.print("[bold red]\\[error][/bold red] only LoRA training is offered (use --lora)")
-        raise typer.Exit(1)
     cfg = _run(_cfg, **{"model.policy": model})
-    weights = _run(Weights.parse, reward)
-    if questions is None:
-        questions = _run(api.demo_questions, cfg) / "train.jsonl"
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -486,20 +445,33 @@ def train_cmd(
                 bar.console.print(f"rejection sampling: the starting policy answers {p['questions']} questions "
                                   "without a trajectory", highlight=False)
 
-        res = _run(api.train_policy, questions, cfg, out, index, model=model,
-                   lora=LoraSpec(rank, alpha, 0.0, targets),
-                   sft=SFTConfig(epochs=sft_epochs, lr=lr, max_examples=sft_examples, seed=seed,
-                                 update_dtype=update_dtype, discover_share=discover_share,
-                                 rejection_samples=rejection_samples) if sft else None,
-                   grpo=GRPOConfig(steps=steps, questions_per_step=per_step, group_size=group_size, lr=grpo_lr,
-                                   loss=loss, kl=kl, temperature=temperature, engine=engine, seed=seed,
-                                   rollout_weights=rollout_weights, update_dtype=update_dtype, rollouts=rollouts),
-                   weights=weights, on_event=on_event)
+        res = _run(api.train_policy, questions, cfg, out, index, model=model, sft=sft, reward=reward,
+                   on_event=on_event, **options)
     if res.get("rank", 0):  # data parallel: the first process reports
         return
     console.print(f"[green]adapter[/green] {res['adapter']}  gguf: {res.get('adapter_gguf')}  "
                   f"({res.get('sft_examples')} gold episodes, {res.get('sft_steps')} steps, {res['seconds']}s)")
     console.print(f"use it: mmhops-lite ask IMAGE \"QUESTION\" --adapter {res['out']}")
+
+
+def _with_train_options(fn):
+    """Give `train` one option per training setting (api.train_options: flag, type, default, help from the settings
+    dataclasses), so the CLI restates no default."""
+    import inspect
+
+    sig = inspect.signature(fn)
+    fixed = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    extra = []
+    for o in api.train_options():
+        help_ = o.help + (f" One of: {', '.join(o.choices)}." if o.choices else "")
+        extra.append(inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, annotation=o.type,
+                                       default=typer.Option(o.default, o.flag, help=help_)))
+    fn.__signature__ = sig.replace(parameters=[p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in fixed] + extra)
+    fn.__annotations__ = {**{p.name: p.annotation for p in fixed}, **{p.name: p.annotation for p in extra}}
+    return fn
+
+
+app.command("train")(_with_train_options(train_cmd))
 
 
 export_app = typer.Typer(rich_markup_mode="rich", help="Export the policy for stock runtimes, and verify bundles.")
@@ -509,15 +481,18 @@ app.add_typer(export_app, name="export")
 @export_app.callback(invoke_without_command=True)
 def export_cmd(
     ctx: typer.Context,
-    gguf: bool = typer.Option(False, "--gguf", help="Export a GGUF bundle for llama.cpp."),
-    onnx: bool = typer.Option(False, "--onnx", help="Export an ONNX bundle (decoder with KV cache) for onnxruntime."),
+    gguf: bool = typer.Option(False, "--gguf", help="Export a GGUF bundle for llama.cpp (--format gguf)."),
+    onnx: bool = typer.Option(False, "--onnx", help="Export an ONNX bundle (decoder with KV cache) for onnxruntime "
+                                                    "(--format onnx)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="Export format by name: `mmhops-lite export formats` "
+                                                             "lists them."),
     model: Optional[str] = typer.Option(None, "--model", help="Base policy (default: the configured one)."),
     adapter: Optional[str] = typer.Option("auto", "--adapter", help="LoRA to merge: a train run folder, PEFT folder, "
                                                                     "`auto` (the shipped one) or `none`."),
     quant: Optional[str] = typer.Option(None, "--quant", help="GGUF: f16, q8_0 (default) or q4_k_m. ONNX: fp32 or "
                                                               "int8 (default; 8-bit block weights)."),
     adapter_only: bool = typer.Option(False, "--adapter-only", help="GGUF only: write the LoRA as a GGUF adapter over "
-                                                                    "the base GGUF (no merge)."),
+                                                                    "the base GGUF, no merge (--format gguf-adapter)."),
     out: Path = typer.Option(Path("bundle"), "-o", "--out", help="Bundle folder to write."),
     prompts: int = typer.Option(50, "--prompts", help="Prompts for the parity gate."),
     questions: Optional[Path] = typer.Option(None, "--questions", help="Questions whose real prompts the parity gate "
@@ -530,7 +505,7 @@ def export_cmd(
 
     The gate compares the greedy next token of the exported policy with the torch model's on the dev split's real
     loop prompts: F16, adapter-only and ONNX fp32 must agree on >= 98%, Q8_0 and ONNX int8 on >= 95%; Q4_K_M is
-    reported only.
+    reported only (`mmhops-lite export formats` shows each format's gates).
 
     [bold]Examples[/bold]:
       mmhops-lite export --gguf -o bundles/smol-q8                     # merged, Q8_0
@@ -542,33 +517,40 @@ def export_cmd(
     """
     if ctx.invoked_subcommand is not None:
         return
-    if gguf == onnx:
-        err.print("[bold red]\\[error][/bold red] choose one format per bundle: --gguf or --onnx")
+    chosen = [name for name, on in (("gguf", gguf), ("onnx", onnx), (fmt, fmt is not None)) if on]
+    if len(chosen) != 1:
+        err.print("[bold red]\\[error][/bold red] choose one format per bundle: --gguf, --onnx or --format NAME")
         raise typer.Exit(1)
-    if onnx and adapter_only:
-        err.print("[bold red]\\[error][/bold red] --adapter-only is a GGUF feature (llama.cpp loads LoRA adapters); "
-                  "ONNX bundles are merged")
-        raise typer.Exit(1)
-    from export.bundle import export_bundle
-    from mmhops_lite.registry import shipped_adapter
-
+    name = chosen[0]
+    if adapter_only:
+        if name != "gguf":
+            err.print("[bold red]\\[error][/bold red] --adapter-only is a GGUF feature (llama.cpp loads LoRA adapters); "
+                      "ONNX bundles are merged")
+            raise typer.Exit(1)
+        name = "gguf-adapter"
     cfg = _run(_cfg)
-    base = model or cfg.model.policy
-    chosen = shipped_adapter(base) if adapter == "auto" else (None if adapter in (None, "none") else adapter)
-    fmt = "onnx" if onnx else "gguf"
-    quant = quant or ("int8" if onnx else "q8_0")
-    qfile = questions or api.demo_paths()[0].parent / "questions" / "dev.jsonl"
-    idx = None
-    ipath = index or (api.demo_paths()[1] if questions is None else None)
-    if ipath is not None and Path(ipath).is_dir():
-        idx = _run(api.open_index, ipath, cfg)
     with console.status("exporting") as status:
-        man = _run(export_bundle, fmt, base, str(chosen) if chosen else None, out, quant, adapter_only, prompts,
-                   qfile, force, idx, lambda msg: status.update(msg))
+        man = _run(api.export_policy, name, out, cfg, model=model, adapter=adapter, quant=quant, prompts=prompts,
+                   questions=questions, index=index, force=force, progress=lambda msg: status.update(msg))
     p = man["parity"]
     console.print(f"[green]bundle written[/green] {out}: {man['kind']} {man['quant'] or ''}  parity "
                   f"{p['greedy_top1_agreement']:.3f} (gate {p['gate']}) over {p['prompts']} {p['source']} prompts, "
                   f"{man['seconds']}s")
+
+
+@export_app.command("formats")
+def export_formats():
+    """List the export formats: the bundle kind each writes, its quantizations with their parity gates.
+
+    [bold]Example[/bold]: mmhops-lite export formats
+    """
+    t = Table()
+    for col in ("format", "bundle kind", "quantizations (parity gate)", "default", "what"):
+        t.add_column(col, overflow="fold")
+    for name, f in api.export_formats().items():
+        gates = ", ".join(f"{q} ({g:g})" if g else f"{q} (reported)" for q, g in f["gates"].items())
+        t.add_row(name, f["kind"], gates, f["default_quant"], f["help"])
+    console.print(t)
 
 
 @export_app.command("verify")
@@ -578,12 +560,7 @@ def export_verify(bundle: Path = typer.Argument(..., help="Bundle folder."),
 
     [bold]Example[/bold]: mmhops-lite export verify bundles/smol-q8 --parity
     """
-    from export.bundle import verify_bundle
-
-    idx, qfile = None, api.demo_paths()[0].parent / "questions" / "dev.jsonl"
-    if parity and api.demo_paths()[1].is_dir():
-        idx = _run(api.open_index, api.demo_paths()[1], _run(_cfg))
-    res = _run(verify_bundle, bundle, parity, 50, qfile, idx)
+    res = _run(api.verify_bundle, bundle, _run(_cfg), parity=parity)
     console.print(f"[green]verified[/green] {bundle}: {res}")
     if not res["ok"]:
         raise typer.Exit(1)
@@ -607,10 +584,8 @@ def models_list(as_json: bool = typer.Option(False, "--json", help="JSON output.
         pk = m["packages"][0]["name"] + (f" (+{len(m['packages']) - 1})" if len(m["packages"]) > 1 else "")
         t.add_row(m["name"], m["role"], "yes" if m["default"] else "", f"{m['size'] / 1e6:.0f} MB", pk, m["license"][:40])
     console.print(t)
-    from mmhops_lite.registry import MODELS_DIR
-
-    for folder in sorted((MODELS_DIR / "adapters").glob("*/")):
-        console.print(f"shipped LoRA adapter for [bold]{folder.name}[/bold]: {folder} (used by default; --adapter none "
+    for name, folder in api.shipped_adapters():
+        console.print(f"shipped LoRA adapter for [bold]{name}[/bold]: {folder} (used by default; --adapter none "
                       "to switch it off)")
 
 

@@ -74,7 +74,7 @@ def worker(kind: str, path: str, threads: int, repeats: int, gen_tokens: int) ->
 
 def policy_size(kind: str, path: Path | None) -> int:
     if kind == "torch":
-        from mmhops_lite.backends.torch_backend import hf_from_gguf
+        from mmhops_lite.convert import hf_from_gguf
         from mmhops_lite.registry import resolve
 
         folder = hf_from_gguf(resolve("smollm2-135m-instruct", "policy"))
@@ -84,22 +84,18 @@ def policy_size(kind: str, path: Path | None) -> int:
 
 
 def ensure_bundles(root: Path) -> None:
-    from export.bundle import export_bundle
     from mmhops_lite import api
     from mmhops_lite.config import Config
-    from mmhops_lite.registry import shipped_adapter
 
     cfg = Config.resolve()
-    adapter = str(shipped_adapter("smollm2-135m-instruct"))
-    qfile = api.demo_paths()[0].parent / "questions" / "dev.jsonl"
-    index = api.open_index(api.demo_paths()[1], cfg) if api.demo_paths()[1].is_dir() else None
     for _, kind, name in ROWS:
         if name is None or (root / name / "manifest.json").is_file():
             continue
         fmt, quant = name.split("-", 1)
         print(f"exporting {name} ...", flush=True)
-        export_bundle(fmt, "smollm2-135m-instruct", adapter, root / name, "q8_0" if quant == "adapter" else quant,
-                      adapter_only=quant == "adapter", questions=qfile, index=index)
+        # the shipped adapter, gated on the demo dev split's real prompts when the demo index is built
+        api.export_policy("gguf-adapter" if quant == "adapter" else fmt, root / name, cfg,
+                          model="smollm2-135m-instruct", adapter="auto", quant=None if quant == "adapter" else quant)
 
 
 def main() -> None:

@@ -126,7 +126,8 @@ def makers(path: Path, n_ctx: int, threads: int, names: list[str]) -> dict:
 
             out[name] = lambda: LlamaCppGenerator(path, n_ctx=n_ctx, threads=threads)
         elif name == "torch":
-            from mmhops_lite.backends.torch_backend import TorchGenerator, hf_from_gguf
+            from mmhops_lite.backends.torch_backend import TorchGenerator
+            from mmhops_lite.convert import hf_from_gguf
 
             if path.suffix == ".gguf":
                 t = time.perf_counter()

@@ -29,8 +29,9 @@ def main() -> None:
     from mmhops_lite.config import Config
     from mmhops_lite.paths import free_cores
     from mmhops_lite.train.episodes import TokenizedEpisode
-    from mmhops_lite.train.grpo import native_bf16
-    from mmhops_lite.train.policy import LoraSpec, load_for_training
+    from mmhops_lite.train.grpo_loss import native_bf16
+    from mmhops_lite.train.policy import load_for_training
+    from mmhops_lite.train.settings import LoraSpec
     from mmhops_lite.train.sft import masked_loss
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -28,8 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main() -> None:
     from mmhops_lite import api
     from mmhops_lite.config import Config
-    from mmhops_lite.train.grpo import GRPOConfig
-    from mmhops_lite.train.policy import LoraSpec
+    from mmhops_lite.train.settings import GRPOConfig, LoraSpec
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3)

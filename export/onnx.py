@@ -20,6 +20,7 @@ from pathlib import Path
 
 from mmhops_lite.backends.onnx_backend import ONNX_FILE
 from mmhops_lite.errors import InputError, MmhopsError, require
+from mmhops_lite.safeio import temp_name
 
 ONNX_QUANTS = ("fp32", "int8")
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations in the kernel (the fast CPU path); 0 = float compute
@@ -38,7 +39,7 @@ def export_onnx(hf_dir: Path, out: Path, quant: str = "fp32", block_size: int = 
         raise MmhopsError("optimum's ONNX exporter is not installed", fix="pip install -e '.[export]' "
                           "(optimum 2.1 + optimum-onnx 0.1.0), or rerun bash scripts/setup.sh") from exc
     out = Path(out)
-    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+    tmp = temp_name(out)
     shutil.rmtree(tmp, ignore_errors=True)
     raw = tmp / "raw"
     chatter = io.StringIO()  # the tracer's warnings and optimum's notes are for optimum's developers, not ours
@@ -152,4 +153,9 @@ def _save(onnx, model, path: Path) -> None:
                         location=path.name + ".data")
 
 
-__all__ = ["export_onnx", "last_position_logits", "weight_only_int8", "ONNX_QUANTS"]
+def build_onnx(job) -> dict[str, Path]:
+    """policy-onnx/: the merged policy as a decoder with KV cache, fp32 or 8-bit block weights (job.quant)."""
+    merged = job.merged()
+    job.say(f"exporting to ONNX ({job.quant}) with optimum")
+    export_onnx(merged, job.work / "policy-onnx", job.quant)
+    return {f"policy-onnx/{f.name}": f for f in sorted((job.work / "policy-onnx").iterdir())}

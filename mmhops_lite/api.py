@@ -116,16 +116,12 @@ def generator(cfg: Config, model: str | None = None, backend: str | None = None)
     """The configured policy generator (llama.cpp by default)."""
     from .backends.base import get_generator
     from .bundle import bundle_generator, is_bundle
-    from .registry import shipped_adapter
+    from .registry import choose_adapter
 
     policy = model or cfg.model.policy
     if is_bundle(policy):  # an export bundle carries its own policy (and adapter): checked, then loaded
         return bundle_generator(policy, n_ctx=cfg.model.n_ctx, threads=cfg.model.threads)
-    adapter = cfg.model.adapter
-    if adapter in ("", "none"):
-        adapter = None
-    elif adapter == "auto":
-        adapter = shipped_adapter(policy)
+    adapter = choose_adapter(policy, cfg.model.adapter)
     backend = backend or cfg.model.backend
     if adapter and backend == "llamacpp" and cfg.model.merge:
         from .backends.base import adapter_for
@@ -251,14 +247,112 @@ def demo_question(cfg: Config) -> tuple[Path, str]:
     return out, "What is the capital of the country whose flag is shown?"
 
 
-def train_policy(questions_file: str | Path, cfg: Config, out: str | Path, index: str | Path | None = None, *,
-                 model: str | None = None, lora=None, sft=None, grpo=None, weights=None, on_event=None) -> dict:
-    """Train a LoRA adapter over an index (see mmhops_lite.train.driver.train)."""
+def demo(cfg: Config, *, progress: bool = True, on_event=None):
+    """The main job on the embedded defaults: the demo index (built on first use), then `ask` about a demo image
+    with a 2-hop question. `on_event("question", (image, question))` comes first, then ask's own events."""
+    idx = ensure_demo_index(cfg, progress=progress)
+    image, question = demo_question(cfg)
+    if on_event:
+        on_event("question", (image, question))
+    return ask([image], question, cfg, idx, on_event=on_event, progress=progress)
+
+
+def train_options() -> list:
+    """The `train` options (name, flag, type, default, help, choices), derived from the training settings
+    dataclasses (mmhops_lite/train/settings.py), which hold every default once."""
+    from .train.settings import train_options as table
+
+    return table()
+
+
+def reward_parts() -> dict:
+    """The reward table: part name -> (default weight, what it pays), then the options -> (0, what they do)."""
+    from .rewards import OPTIONS, REWARDS
+
+    return {**{n: (p.weight, p.help) for n, p in REWARDS.items()}, **{o: (0, h) for o, h in OPTIONS.items()}}
+
+
+def train_policy(questions_file: str | Path | None, cfg: Config, out: str | Path, index: str | Path | None = None, *,
+                 model: str | None = None, sft=True, lora=None, grpo=None, reward="", on_event=None,
+                 **options) -> dict:
+    """Train a LoRA adapter over an index (see mmhops_lite.train.driver.train); resumable from `out`.
+
+    `options` are `train_options()` by name (e.g. steps=40, grpo_lr=5e-5, seed=1); `lora`/`grpo` (settings
+    objects) and `sft` (True, False/None, or an SFTConfig) override them whole. `reward` is a `--reward` spec or a
+    `rewards.Weights`. Without a question file, the demo train split (synthesised on first use)."""
     from .rewards import Weights
     from .train.driver import train
-    from .train.policy import LoraSpec
+    from .train.settings import SFTConfig, settings_from
 
+    settings = settings_from(options)
+    weights = reward if isinstance(reward, Weights) else Weights.parse(reward or "")
+    if questions_file is None:
+        questions_file = demo_questions(cfg) / "train.jsonl"
+    sft_cfg = sft if isinstance(sft, SFTConfig) else (settings["sft"] if sft else None)
     idx_path = resolve_index(cfg, index)
     with open_index(idx_path, cfg) as idx:
-        return train(questions_file, idx, cfg, out, model=model, lora=lora or LoraSpec(), sft=sft, grpo=grpo,
-                     weights=weights or Weights(), on_event=on_event)
+        return train(questions_file, idx, cfg, out, model=model, lora=lora or settings["lora"], sft=sft_cfg,
+                     grpo=grpo or settings["grpo"], weights=weights, on_event=on_event)
+
+
+def export_formats() -> dict:
+    """Export format name -> (bundle kind, quantizations with their parity gates, default quantization, help)."""
+    from export.formats import FORMATS
+
+    return {name: {"kind": f.kind, "gates": dict(f.gates), "default_quant": f.default_quant, "help": f.help}
+            for name, f in FORMATS.items()}
+
+
+def _parity_sources(questions: str | Path | None, index: str | Path | None) -> tuple[Path, Path | None]:
+    """The questions and index whose real loop prompts a parity gate uses: those given, else the demo dev split
+    over the demo index (when it is built); without an index the gate falls back to synthetic prompts."""
+    kb, demo_index = demo_paths()
+    qfile = Path(questions) if questions else kb.parent / "questions" / "dev.jsonl"
+    ipath = index or (demo_index if questions is None else None)
+    return qfile, (Path(ipath) if ipath is not None and Path(ipath).is_dir() else None)
+
+
+def export_policy(fmt: str, out: str | Path, cfg: Config, *, model: str | None = None, adapter: str | None = "auto",
+                  quant: str | None = None, prompts: int = 50, questions: str | Path | None = None,
+                  index: str | Path | None = None, force: bool = False, progress=None) -> dict:
+    """Export the policy (base `model` or the configured one, with `adapter`: a path, `auto` for the shipped one,
+    or `none`) as a verified bundle in format `fmt` (see export_formats()); returns the bundle manifest."""
+    from contextlib import nullcontext
+
+    from export.writer import export_bundle
+
+    from .registry import choose_adapter
+
+    base = model or cfg.model.policy
+    chosen = choose_adapter(base, adapter)
+    qfile, ipath = _parity_sources(questions, index)
+    with (open_index(ipath, cfg) if ipath else nullcontext()) as idx:
+        return export_bundle(fmt, base, str(chosen) if chosen else None, Path(out), quant, prompts=prompts,
+                             questions=qfile, force=force, index=idx, progress=progress)
+
+
+def verify_bundle(bundle: str | Path, cfg: Config, *, parity: bool = False, prompts: int = 50,
+                  questions: str | Path | None = None, index: str | Path | None = None) -> dict:
+    """Check a bundle's files against its manifest (CorruptFile names the first bad one); with `parity`, measure
+    its greedy agreement with torch again on the same kind of prompts the export used."""
+    from contextlib import nullcontext
+
+    from export.writer import verify_bundle as verify
+
+    qfile, ipath = _parity_sources(questions, index)
+    with (open_index(ipath, cfg) if ipath and parity else nullcontext()) as idx:
+        return verify(Path(bundle), parity, prompts, qfile, idx)
+
+
+def build_demo_kb(out: str | Path, progress: bool = True) -> dict:
+    """Write the demo KB as plain files (passages.jsonl, images.jsonl, triples.jsonl, images/); returns its manifest."""
+    from .data.demo_kb import build_demo_kb as build
+
+    return build(out, progress=progress)
+
+
+def shipped_adapters() -> list[tuple[str, Path]]:
+    """(policy name, folder) of every LoRA adapter shipped in models/adapters/."""
+    from .registry import MODELS_DIR
+
+    return [(f.name, f) for f in sorted((MODELS_DIR / "adapters").glob("*/"))]

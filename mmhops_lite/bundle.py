@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from . import grammar
 from .errors import CorruptFile
@@ -13,11 +15,41 @@ from .paths import sha256
 FORMAT = 1
 MANIFEST = "manifest.json"
 VISION = "vision/image-encoder.onnx"
-# kind -> (file name pattern, the file(s) its loader opens)
+
+
+def _load_gguf(folder: Path, base_gguf: Path | None, n_ctx: int, threads: int):
+    from .backends.llamacpp import LlamaCppGenerator
+
+    return LlamaCppGenerator(folder / "policy.gguf", n_ctx=n_ctx, threads=threads)
+
+
+def _load_gguf_adapter(folder: Path, base_gguf: Path | None, n_ctx: int, threads: int):
+    from .backends.llamacpp import LlamaCppGenerator
+
+    return LlamaCppGenerator(base_gguf, n_ctx=n_ctx, threads=threads, lora_path=folder / "adapter.gguf")
+
+
+def _load_onnx(folder: Path, base_gguf: Path | None, n_ctx: int, threads: int):
+    from .backends.onnx_backend import OnnxGenerator
+
+    return OnnxGenerator(folder / "policy-onnx", n_ctx=n_ctx, threads=threads)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A bundle kind: the pattern its file names match, the file (or folder/) its loader opens, and the loader
+    (folder, base GGUF for adapters, n_ctx, threads) -> generator. The writer (export/) and this reader both
+    open a bundle through this table."""
+
+    names: re.Pattern
+    opened: str
+    load: Callable
+
+
 KINDS = {
-    "gguf": (re.compile(r"policy\.gguf"), "policy.gguf"),
-    "gguf-adapter": (re.compile(r"adapter\.gguf"), "adapter.gguf"),
-    "onnx": (re.compile(r"policy-onnx/[A-Za-z0-9][A-Za-z0-9._-]{0,120}"), "policy-onnx/"),
+    "gguf": Kind(re.compile(r"policy\.gguf"), "policy.gguf", _load_gguf),
+    "gguf-adapter": Kind(re.compile(r"adapter\.gguf"), "adapter.gguf", _load_gguf_adapter),
+    "onnx": Kind(re.compile(r"policy-onnx/[A-Za-z0-9][A-Za-z0-9._-]{0,120}"), "policy-onnx/", _load_onnx),
 }
 
 
@@ -41,7 +73,7 @@ def is_bundle(path) -> bool:
 def _listed_names(bundle: Path, man: dict) -> list[str]:
     """The manifest's file names after checking each against its kind's pattern, or CorruptFile."""
     mpath = bundle / MANIFEST
-    pattern, opened = KINDS[man["kind"]]
+    pattern, opened = KINDS[man["kind"]].names, KINDS[man["kind"]].opened
     names = list(man["files"])
     for name in names:
         entry = man["files"][name]
@@ -106,19 +138,14 @@ def check_bundle(bundle: str | Path) -> dict:
 
 
 def bundle_generator(bundle: str | Path, n_ctx: int = 4096, threads: int = 0):
-    """The generator of a verified bundle: llama.cpp for GGUF bundles, onnxruntime for ONNX ones."""
-    from .backends.llamacpp import LlamaCppGenerator
+    """The generator of a verified bundle, loaded by its kind's loader (llama.cpp for GGUF, onnxruntime for ONNX)."""
     from .registry import resolve
 
     man = check_bundle(bundle)
-    if man["kind"] == "onnx":
-        from .backends.onnx_backend import OnnxGenerator
-
-        return OnnxGenerator(Path(bundle) / "policy-onnx", n_ctx=n_ctx, threads=threads)
+    base = None
     if man["kind"] == "gguf-adapter":
         base = resolve(man["base"], "policy")
         if sha256(base) != man["base_gguf_sha256"]:
             raise CorruptFile(f"the base GGUF {base} is not the one this adapter bundle was made for", path=base,
                               fix=f"install the base it names ({man['base']}) or export a merged bundle")
-        return LlamaCppGenerator(base, n_ctx=n_ctx, threads=threads, lora_path=Path(bundle) / "adapter.gguf")
-    return LlamaCppGenerator(Path(bundle) / "policy.gguf", n_ctx=n_ctx, threads=threads)
+    return KINDS[man["kind"]].load(Path(bundle), base, n_ctx, threads)

@@ -184,3 +184,15 @@ def shipped_adapter(policy: str) -> Path | None:
     """The LoRA adapter shipped in models/adapters/<policy>/ for a registry policy, if there is one."""
     folder = MODELS_DIR / "adapters" / str(policy)
     return folder if (folder / "adapter.gguf").is_file() or (folder / "adapter_config.json").is_file() else None
+
+
+def choose_adapter(policy: str, adapter) -> Path | str | None:
+    """The adapter a setting names: `auto` -> the shipped one for the policy (or None), `none`/empty -> None, else
+    the path as given. The one place `auto` and `none` are read.
+
+    >>> choose_adapter("no-such-policy", "auto") is None, choose_adapter("x", "none"), choose_adapter("x", "runs/a")
+    (True, None, 'runs/a')
+    """
+    if adapter == "auto":
+        return shipped_adapter(policy)
+    return None if adapter in (None, "", "none") else adapter

@@ -1,56 +1,109 @@
-"""Rewards for GRPO, as plain functions: outcome (MMhops scorer), format, and action (counted only when the
-answer is right). Defaults: outcome 1.0, format 0.2, action 0.3 (see `Weights`; `--reward` on the command line)."""
+"""Rewards for GRPO as a table: each part is one function of an episode, registered under a name with its default
+weight. The built-in parts are outcome (MMhops scorer), format, and action (counted only when the answer is right);
+defaults outcome 1.0, format 0.2, action 0.3. `--reward name=value,...` sets weights and the options f1, coverage.
+
+A new part is one function and one `@reward(...)` line:
+
+    @reward("brevity", weight=0.0, help="1 for at most three turns")
+    def brevity(ep: Scored) -> float:
+        return float(len(ep.trace.hops) <= 3)
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Callable, Mapping, Sequence
 
 from . import grammar
 from .scoring import f1, score
 
 
 @dataclass(frozen=True)
-class Weights:
-    """How the parts add up; outcome dominates so that format or searching alone never pays more than a right answer."""
+class Scored:
+    """What a reward part sees of one episode: its Trace, its Question, whether the answer is right (MMhops rules),
+    and the switched-on options."""
 
-    outcome: float = 1.0
-    format: float = 0.2
-    action: float = 0.3
-    f1_partial: bool = False  # give String answers token-F1 partial credit instead of 0 when wrong
-    coverage: bool = False  # action credit in proportion to the gold entities and passages found (not any one)
+    trace: object
+    question: object
+    correct: bool
+    options: frozenset = frozenset()
+
+    @property
+    def policy_turns(self) -> list[str]:
+        return [h.raw for h in self.trace.hops if h.raw]
+
+
+@dataclass(frozen=True)
+class Part:
+    fn: Callable[[Scored], float]
+    weight: float
+    help: str
+
+
+REWARDS: dict[str, Part] = {}  # name -> part, in the order they add up
+OPTIONS = {"f1": "wrong String answers earn their token F1 instead of 0 (outcome part)",
+           "coverage": "the action part pays per gold entity and passage found, not for any one"}
+
+
+def reward(name: str, weight: float = 0.0, help: str = ""):
+    """Register a reward part under `name` with its default weight (decorator)."""
+    if name in OPTIONS or name in ("total", "correct"):
+        raise ValueError(f"{name!r} is a reserved reward name")
+
+    def put(fn: Callable[[Scored], float]):
+        REWARDS[name] = Part(fn, float(weight), help or (fn.__doc__ or "").strip().split("\n")[0])
+        return fn
+    return put
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Weights of the reward parts (a part not named keeps its registered default) and the options switched on.
+    Outcome dominates by default so that format or searching alone never pays more than a right answer."""
+
+    values: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    options: frozenset = frozenset()
+
+    def of(self, name: str) -> float:
+        return float(self.values.get(name, REWARDS[name].weight))
+
+    def to_dict(self) -> dict:
+        """Every part's weight and every option, as recorded in a run's metadata."""
+        return {**{n: self.of(n) for n in REWARDS}, **{o: o in self.options for o in OPTIONS}}
 
     @classmethod
     def parse(cls, spec: str) -> Weights:
-        """Weights from `name=value` pairs; names left out keep their defaults.
+        """Weights from `name=value` pairs; parts left out keep their defaults; options are 0 or 1.
 
-        >>> Weights.parse("action=0.5, coverage=1")
-        Weights(outcome=1.0, format=0.2, action=0.5, f1_partial=False, coverage=True)
+        >>> Weights.parse("action=0.5, coverage=1").to_dict()
+        {'outcome': 1.0, 'format': 0.2, 'action': 0.5, 'f1': False, 'coverage': True}
         >>> Weights.parse("speed=1")
         Traceback (most recent call last):
         ...
-        mmhops_lite.errors.InputError: unknown reward part 'speed' Fix: write e.g. --reward outcome=1,...
+        mmhops_lite.errors.InputError: unknown reward part 'speed' Fix: write e.g. --reward outcome=1,format=0.2,action=0.3,f1=0,coverage=0 (parts: outcome, format, action; options: f1, coverage)
         """
-        from dataclasses import fields, replace
-
         from .errors import InputError
 
-        names = {f.name: f.type for f in fields(cls)}
-        names["f1"] = "bool"
-        out = cls()
-        for part in filter(None, (p.strip() for p in spec.split(","))):
-            key, _, val = part.partition("=")
-            key = key.strip()
-            if key not in names or not val.strip():
-                raise InputError(f"unknown reward part {key!r}" if key not in names else f"no value for {key!r}",
-                                 fix="write e.g. --reward outcome=1,format=0.2,action=0.3,f1=0,coverage=0")
+        example = ",".join([f"{n}={p.weight:g}" for n, p in REWARDS.items()] + [f"{o}=0" for o in OPTIONS])
+        fix = f"write e.g. --reward {example} (parts: {', '.join(REWARDS)}; options: {', '.join(OPTIONS)})"
+        values, options = {}, set()
+        for item in filter(None, (p.strip() for p in spec.split(","))):
+            key, _, val = item.partition("=")
+            key = {"f1_partial": "f1"}.get(key.strip(), key.strip())
+            if key not in REWARDS and key not in OPTIONS:
+                raise InputError(f"unknown reward part {key!r}", fix=fix)
+            if not val.strip():
+                raise InputError(f"no value for {key!r}", fix=fix)
             try:
                 v = float(val)
             except ValueError:
                 raise InputError(f"reward part {key!r} needs a number, not {val.strip()!r}",
-                                 fix="write e.g. --reward action=0.3 (flags f1, coverage: 0 or 1)") from None
-            key = "f1_partial" if key == "f1" else key
-            out = replace(out, **{key: bool(v) if key in ("f1_partial", "coverage") else v})
-        return out
+                                 fix="write e.g. --reward action=0.3 (options f1, coverage: 0 or 1)") from None
+            if key in OPTIONS:
+                options = options | {key} if v else options - {key}
+            else:
+                values[key] = v
+        return cls(MappingProxyType(values), frozenset(options))
 
 
 def outcome_reward(prediction: str | None, answer_eval: Sequence, problem_type: str = "String",
@@ -126,17 +179,34 @@ def _get(h, key):
     return h[key] if isinstance(h, dict) else getattr(h, key)
 
 
+@reward("outcome", 1.0, "1 for a correct answer under MMhops rules (token F1 when option f1 is on)")
+def _outcome(ep: Scored) -> float:
+    return outcome_reward(ep.trace.answer, ep.question.answer_eval, ep.question.problem_type, "f1" in ep.options)
+
+
+@reward("format", 0.2, "share of the policy's turns holding exactly one well-formed action; 0 if it never answered")
+def _format(ep: Scored) -> float:
+    return format_reward(ep.policy_turns, len(ep.question.images))
+
+
+@reward("action", 0.3, "useful searches (gold entity found, gold passage read), only when the answer is right")
+def _action(ep: Scored) -> float:
+    x = ep.question.extra
+    return action_reward(ep.trace.hops, x.get("gold_entities", ()), x.get("gold_passages", ()), ep.correct,
+                         "coverage" in ep.options)
+
+
 def total_reward(trace, question, weights: Weights = Weights()) -> dict:
-    """All reward parts of one episode (a Trace) for one Question, and their weighted sum."""
-    turns = [h.raw for h in trace.hops if h.raw]
+    """Every registered part of one episode (a Trace) for one Question, their weighted sum ("total") and
+    whether the answer is right ("correct", 0 or 1)."""
     correct = score(trace.answer, question.answer_eval, question.problem_type)
-    parts = {
-        "outcome": outcome_reward(trace.answer, question.answer_eval, question.problem_type, weights.f1_partial),
-        "format": format_reward(turns, len(question.images)),
-        "action": action_reward(trace.hops, question.extra.get("gold_entities", ()),
-                                question.extra.get("gold_passages", ()), correct, weights.coverage),
-    }
-    parts["total"] = weights.outcome * parts["outcome"] + weights.format * parts["format"] + \
-        weights.action * parts["action"]
+    ep = Scored(trace, question, correct, weights.options)
+    parts = {name: float(part.fn(ep)) for name, part in REWARDS.items()}
+    parts["total"] = sum(weights.of(name) * v for name, v in parts.items())
     parts["correct"] = float(correct)
     return parts
+
+
+def part_names(record: Mapping) -> list[str]:
+    """The reward parts present in a `total_reward` result, in table order."""
+    return [n for n in REWARDS if n in record]

@@ -10,11 +10,9 @@ from fakes import HashTextEncoder, TinyImageEncoder
 
 from mmhops_lite.config import Config
 from mmhops_lite.index import MultimodalIndex
-from mmhops_lite.train import rl
+from mmhops_lite.train import grpo_run as rl
 from mmhops_lite.train.driver import train
-from mmhops_lite.train.grpo import GRPOConfig
-from mmhops_lite.train.policy import LoraSpec
-from mmhops_lite.train.sft import SFTConfig
+from mmhops_lite.train.settings import GRPOConfig, LoraSpec, SFTConfig
 
 
 def main(world: Path, model: Path, out: Path) -> None:

@@ -10,13 +10,13 @@ from mmhops_lite.config import Config
 from mmhops_lite.data.questions import load_questions
 from mmhops_lite.index import KnowledgeBase, MultimodalIndex, sync
 from mmhops_lite.loop import Perception
-from mmhops_lite.train.episodes import gold_episode, gold_turns, policy_turns, tokenize_episode
-from mmhops_lite.types import Question  # noqa: F401
+from mmhops_lite.data.gold import gold_episode, gold_turns, policy_turns
+from mmhops_lite.train.episodes import tokenize_episode
 
 
 @pytest.fixture(scope="module")
 def smol_tokenizer():
-    from mmhops_lite.backends.torch_backend import tokenizer_from_gguf
+    from mmhops_lite.convert import tokenizer_from_gguf
     from mmhops_lite.registry import resolve
 
     tok = tokenizer_from_gguf(resolve("smollm2-135m-instruct"))

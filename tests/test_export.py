@@ -32,13 +32,13 @@ def tiny_lora(tmp_path_factory):
 
 
 def test_merged_gguf_bundle_passes_parity_and_is_verified(tiny_lora, tmp_path):
-    from export.bundle import export_gguf, verify_bundle
+    from export.writer import export_bundle, verify_bundle
 
     from mmhops_lite import api
     from mmhops_lite.config import Config
 
     base, adapter = tiny_lora
-    man = export_gguf(str(base), str(adapter), tmp_path / "b", quant="f16", prompts=8)
+    man = export_bundle("gguf", str(base), str(adapter), tmp_path / "b", quant="f16", prompts=8)
     assert man["parity"]["greedy_top1_agreement"] >= 0.98 and "policy.gguf" in man["files"]
     assert set(man["runtimes"]) >= {"llama-cpp-python", "torch"}
     assert verify_bundle(tmp_path / "b")["ok"]
@@ -58,14 +58,14 @@ def test_merged_gguf_bundle_passes_parity_and_is_verified(tiny_lora, tmp_path):
 
 
 def test_parity_gate_refuses_a_mismatched_export(tiny_lora, tmp_path, monkeypatch):
-    from export import bundle
+    from export import writer
 
     base, adapter = tiny_lora
-    monkeypatch.setattr(bundle, "agreement", lambda a, b: 0.5)
+    monkeypatch.setattr(writer, "agreement", lambda a, b: 0.5)
     with pytest.raises(ParityFailed, match="below the gate"):
-        bundle.export_gguf(str(base), str(adapter), tmp_path / "c", quant="q8_0", prompts=4)
+        writer.export_bundle("gguf", str(base), str(adapter), tmp_path / "c", quant="q8_0", prompts=4)
     assert not (tmp_path / "c").exists()
-    man = bundle.export_gguf(str(base), str(adapter), tmp_path / "c", quant="q8_0", prompts=4, force=True)
+    man = writer.export_bundle("gguf", str(base), str(adapter), tmp_path / "c", quant="q8_0", prompts=4, force=True)
     assert man["parity"]["forced"] is True
     assert json.loads((tmp_path / "c" / "manifest.json").read_text())["quant"] == "q8_0"
 
@@ -73,10 +73,10 @@ def test_parity_gate_refuses_a_mismatched_export(tiny_lora, tmp_path, monkeypatc
 def test_gguf_bundle_loads_in_stock_llama_cpp(tiny_lora, tmp_path, capfd):
     import llama_cpp
 
-    from export.bundle import export_gguf
+    from export.writer import export_bundle
 
     base, adapter = tiny_lora
-    export_gguf(str(base), str(adapter), tmp_path / "b", quant="q8_0", prompts=4, force=True)
+    export_bundle("gguf", str(base), str(adapter), tmp_path / "b", quant="q8_0", prompts=4, force=True)
     assert "llama_model_quantize" not in capfd.readouterr().err  # llama.cpp's per-tensor chatter is kept quiet
     llm = llama_cpp.Llama(model_path=str(tmp_path / "b" / "policy.gguf"), n_ctx=128, verbose=False)
     assert llm.n_vocab() > 1000 and llm.metadata.get("tokenizer.chat_template")
@@ -84,15 +84,16 @@ def test_gguf_bundle_loads_in_stock_llama_cpp(tiny_lora, tmp_path, capfd):
 
 def test_adapter_only_bundle_over_a_gguf_base(tiny_lora, tmp_path):
     """The LoRA alone, as a GGUF adapter over a GGUF base: parity against torch(base + PEFT adapter)."""
-    from export import gguf as G
-    from export.bundle import export_gguf, verify_bundle
+    from export.writer import export_bundle, verify_bundle
 
     from mmhops_lite import api
     from mmhops_lite.config import Config
 
     base, adapter = tiny_lora
-    base_gguf = G.convert(base, tmp_path / "base.gguf", "f32")
-    man = export_gguf(str(base_gguf), str(adapter), tmp_path / "a", adapter_only=True, prompts=8)
+    from mmhops_lite.convert import hf_to_gguf
+
+    base_gguf = hf_to_gguf(base, tmp_path / "base.gguf", "f32")
+    man = export_bundle("gguf-adapter", str(base_gguf), str(adapter), tmp_path / "a", prompts=8)
     assert man["kind"] == "gguf-adapter" and set(man["files"]) >= {"adapter.gguf"}
     assert "policy.gguf" not in man["files"] and man["parity"]["greedy_top1_agreement"] >= 0.98
     assert verify_bundle(tmp_path / "a")["ok"]
@@ -113,13 +114,13 @@ def test_onnx_bundle_parity_stock_session_and_tampering(tiny_lora, tmp_path, qua
     import torch
     from transformers import AutoModelForCausalLM
 
-    from export.bundle import export_onnx_bundle, verify_bundle
+    from export.writer import export_bundle, verify_bundle
     from mmhops_lite import api
     from mmhops_lite.backends.onnx_backend import OnnxGenerator
     from mmhops_lite.config import Config
 
     base, adapter = tiny_lora
-    man = export_onnx_bundle(str(base), str(adapter), tmp_path / "o", quant=quant, prompts=8)
+    man = export_bundle("onnx", str(base), str(adapter), tmp_path / "o", quant=quant, prompts=8)
     gate = 0.98 if quant == "fp32" else 0.95
     assert man["kind"] == "onnx" and man["quant"] == quant and man["parity"]["gate"] == gate
     assert man["parity"]["greedy_top1_agreement"] >= gate
@@ -169,14 +170,15 @@ def test_onnx_bundle_parity_stock_session_and_tampering(tiny_lora, tmp_path, qua
 
 def test_onnx_generator_matches_torch_greedy(tiny_lora, tmp_path):
     """Greedy text from onnxruntime equals torch's for the same merged model, across a KV-reusing second turn."""
-    from export import gguf as G
     from export.onnx import export_onnx
 
     from mmhops_lite.backends.onnx_backend import OnnxGenerator
     from mmhops_lite.backends.torch_backend import TorchGenerator
 
     base, adapter = tiny_lora
-    merged = G.merge(str(base), str(adapter), tmp_path / "m")
+    from mmhops_lite.convert import merged_hf
+
+    merged = merged_hf(str(base), str(adapter), tmp_path / "m")
     export_onnx(merged, tmp_path / "x", "fp32")
     onx, ref = OnnxGenerator(tmp_path / "x", threads=1), TorchGenerator(merged, threads=1)
     for gen in (onx, ref):
@@ -189,12 +191,14 @@ def test_onnx_generator_matches_torch_greedy(tiny_lora, tmp_path):
 
 
 def test_unknown_onnx_quant_is_a_clear_error(tiny_lora, tmp_path):
-    from export.bundle import export_onnx_bundle
+    from export.writer import export_bundle
 
     from mmhops_lite.errors import InputError
 
     with pytest.raises(InputError, match="fp32, int8"):
-        export_onnx_bundle(str(tiny_lora[0]), None, tmp_path / "z", quant="int4")
+        export_bundle("onnx", str(tiny_lora[0]), None, tmp_path / "z", quant="int4")
+    with pytest.raises(InputError, match="gguf, gguf-adapter, onnx"):
+        export_bundle("tflite", str(tiny_lora[0]), None, tmp_path / "z")
 
 
 def test_tied_head_is_folded_quantized_and_trimmed_to_the_last_position():
@@ -230,12 +234,37 @@ def test_qwen2_exports_both_ways(tmp_path):
     """The registry's second architecture (Qwen2): merged GGUF and ONNX bundles both pass their parity gates."""
     from tiny_models import make_tiny_hf, save_gguf_tokenizer
 
-    from export.bundle import export_gguf, export_onnx_bundle
+    from export.writer import export_bundle
     from mmhops_lite.registry import resolve
 
     tok = save_gguf_tokenizer(tmp_path / "tok", resolve("smollm2-135m-instruct"))
     base = make_tiny_hf(tmp_path / "qwen", tok, "qwen2", seed=3)
-    g = export_gguf(str(base), None, tmp_path / "g", quant="f16", prompts=6)
-    o = export_onnx_bundle(str(base), None, tmp_path / "o", quant="fp32", prompts=6)
+    g = export_bundle("gguf", str(base), None, tmp_path / "g", quant="f16", prompts=6)
+    o = export_bundle("onnx", str(base), None, tmp_path / "o", quant="fp32", prompts=6)
     assert g["parity"]["greedy_top1_agreement"] >= 0.98 and o["parity"]["greedy_top1_agreement"] >= 0.98
     assert g["adapter"] is None and o["adapter"] is None
+
+
+def test_a_new_export_format_is_one_function_and_one_table_entry(tiny_lora, tmp_path, monkeypatch):
+    """Register a format (an F32 GGUF, no quantization) and export with it through the api and the CLI's name."""
+    from export import formats
+    from export.formats import FORMATS, Format
+
+    from mmhops_lite import api
+    from mmhops_lite.config import Config
+    from mmhops_lite.convert import hf_to_gguf
+
+    def build_f32(job):
+        return {"policy.gguf": hf_to_gguf(job.merged(), job.work / "policy.gguf", "f32")}
+
+    monkeypatch.setitem(FORMATS, "gguf-f32", Format(build_f32, "gguf", {"f32": 0.99}, "f32", "unquantized GGUF"))
+    assert api.export_formats()["gguf-f32"]["gates"] == {"f32": 0.99}
+    base, adapter = tiny_lora
+    cfg = Config.resolve({"model.threads": 1}, env={})
+    man = api.export_policy("gguf-f32", tmp_path / "f", cfg, model=str(base), adapter=str(adapter), prompts=6)
+    assert man["format"] == "gguf-f32" and man["kind"] == "gguf" and man["quant"] == "f32"
+    assert man["parity"]["gate"] == 0.99 and man["parity"]["greedy_top1_agreement"] >= 0.99
+    assert api.verify_bundle(tmp_path / "f", cfg)["ok"]
+    assert api.generator(Config.resolve({"model.policy": str(tmp_path / "f"), "model.threads": 1}, env={})).id \
+        == "policy.gguf"
+    assert formats.FORMATS is FORMATS

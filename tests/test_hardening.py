@@ -247,7 +247,7 @@ def test_bundle_checks(tmp_path):
 
 
 def test_export_never_replaces_a_folder_it_does_not_own(tiny_kb, tmp_path):
-    from export.bundle import check_target
+    from export.writer import check_target
 
     idx = tmp_path / "idx"
     build(tiny_kb, idx)

@@ -237,7 +237,7 @@ def test_saved_gguf_tokenizer_is_plain_byte_level_and_encodes_the_same(tmp_path)
 
     from transformers import AutoTokenizer
 
-    from mmhops_lite.backends.torch_backend import save_tokenizer, tokenizer_from_gguf
+    from mmhops_lite.convert import save_tokenizer, tokenizer_from_gguf
     from mmhops_lite.registry import resolve
 
     tok = tokenizer_from_gguf(resolve("smollm2-135m-instruct"))

@@ -9,8 +9,9 @@ from mmhops_lite.data.synth import synthesize
 from mmhops_lite.index import KnowledgeBase, MultimodalIndex, sync
 from mmhops_lite.train.driver import train
 from mmhops_lite.train.episodes import tokenize_episode
-from mmhops_lite.train.policy import LoraSpec, load_for_training
-from mmhops_lite.train.sft import SFTConfig, masked_loss
+from mmhops_lite.train.policy import load_for_training
+from mmhops_lite.train.settings import LoraSpec, SFTConfig
+from mmhops_lite.train.sft import masked_loss
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +113,8 @@ def test_sft_changes_only_lora_and_resumes_exactly(world, tiny_hf, tmp_path):
 
 
 def grpo_run(world, out, tiny_hf, steps, monkeypatch):
-    from mmhops_lite.train import rl
-    from mmhops_lite.train.grpo import GRPOConfig
+    from mmhops_lite.train import grpo_run as rl
+    from mmhops_lite.train.settings import GRPOConfig
 
     # A random tiny model never answers, so every real reward is 0 and no group would train: score rollouts by
     # what they wrote instead (a stable function of the sampled text), to exercise the update path; the real
@@ -154,7 +155,7 @@ def test_grpo_steps_train_lora_and_resume_exactly(world, tiny_hf, tmp_path, monk
 def test_adapter_converts_to_gguf_and_llamacpp_loads_it(world, tiny_hf, tiny_gguf, tmp_path):
     from mmhops_lite import grammar
     from mmhops_lite.backends.base import get_generator
-    from mmhops_lite.train.policy import adapter_to_gguf
+    from mmhops_lite.convert import adapter_to_gguf
 
     out = tmp_path / "a"
     run(world, out, tiny_hf, epochs=1)
@@ -186,7 +187,7 @@ def test_llamacpp_sampler_logprobs_match_torch(tiny_gguf):
     from mmhops_lite.backends.llamacpp import LlamaCppGenerator
     from mmhops_lite.backends.torch_backend import TorchGenerator
     from mmhops_lite.loop import Episode
-    from mmhops_lite.train.rl import sampler_turns
+    from mmhops_lite.train.grpo_run import sampler_turns
 
     gen, ref = LlamaCppGenerator(tiny_gguf, n_ctx=512, threads=1), TorchGenerator(tiny_gguf, n_ctx=512, threads=1)
     gen.record_logprobs = True
@@ -207,7 +208,8 @@ def test_llamacpp_sampler_logprobs_match_torch(tiny_gguf):
 
 
 def test_importance_weights_scale_each_policy_token(tiny_hf):
-    from mmhops_lite.train.grpo import GRPOConfig, episode_loss, token_logprobs
+    from mmhops_lite.train.grpo_loss import episode_loss, token_logprobs
+    from mmhops_lite.train.settings import GRPOConfig
 
     net, tok, _, _ = load_for_training(str(tiny_hf), LoraSpec(r=4, alpha=8), threads=1, seed=0)
     ep = tokenize_episode(tok, "<|im_start|>user\nQ<|im_end|>\n",
@@ -237,7 +239,8 @@ def test_in_process_gguf_lora_equals_the_converter(family, tmp_path):
     from tiny_models import make_tiny_hf, save_gguf_tokenizer
 
     from mmhops_lite.registry import resolve
-    from mmhops_lite.train.policy import adapter_to_gguf, load_for_training, lora_to_gguf, save_adapter
+    from mmhops_lite.convert import adapter_to_gguf, lora_to_gguf
+    from mmhops_lite.train.policy import load_for_training, save_adapter
 
     tok = save_gguf_tokenizer(tmp_path / "tok", resolve("smollm2-135m-instruct"))
     base = make_tiny_hf(tmp_path / family, tok, family, seed=5)
@@ -263,7 +266,8 @@ def test_fast_update_equals_the_full_logits_reference(tiny_hf):
     reference losses and LoRA gradients of per-rollout full-logit forwards; bf16 autocast stays close."""
     import torch
 
-    from mmhops_lite.train.grpo import (GRPOConfig, group_backward, policy_logprobs, policy_targets, shared_start,
+    from mmhops_lite.train.settings import GRPOConfig
+    from mmhops_lite.train.grpo_loss import (group_backward, policy_logprobs, policy_targets, shared_start,
                                         token_logprobs)
 
     net, tok, _, _ = load_for_training(str(tiny_hf), LoraSpec(r=4, alpha=8), threads=1, seed=0)

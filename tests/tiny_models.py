@@ -79,7 +79,7 @@ def make_tiny_gguf(out: Path, base_gguf: Path, seed: int = 0) -> Path:
 
 def save_gguf_tokenizer(out: Path, base_gguf: Path) -> Path:
     """Save the base GGUF's tokenizer as Hugging Face files (bos/eos fixed, no bogus tokenizer.model)."""
-    from mmhops_lite.backends.torch_backend import save_tokenizer, tokenizer_from_gguf
+    from mmhops_lite.convert import save_tokenizer, tokenizer_from_gguf
 
     out.mkdir(parents=True, exist_ok=True)
     save_tokenizer(tokenizer_from_gguf(base_gguf), out)

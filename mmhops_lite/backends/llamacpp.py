@@ -202,22 +202,3 @@ def _close_if_alive(ref) -> None:
         gen.close()
 
 
-def run_converter(script: str, args: list[str], out: Path, what: str, fix: str) -> Path:
-    """Run one of llama.cpp's converter scripts (from the pinned source package) into `out`, atomically."""
-    import os
-    import subprocess
-    import sys
-
-    from ..errors import MmhopsError
-    from ..paths import llama_cpp_source
-
-    src = llama_cpp_source()
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    env = {**os.environ, "PYTHONPATH": str(src / "gguf-py") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    r = subprocess.run([sys.executable, str(src / script), *args, "--outfile", str(tmp)], env=env,
-                       capture_output=True, text=True)
-    if r.returncode != 0 or not tmp.is_file():
-        tmp.unlink(missing_ok=True)
-        raise MmhopsError(f"{what} failed: {r.stderr.strip()[-800:]}", fix=fix)
-    os.replace(tmp, out)
-    return out

@@ -6,156 +6,21 @@ extends the previous prompt only runs the new tokens.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Sequence
 
+from ..convert import hf_folder
 from ..errors import InputError, ModelNotFound, require
 from ..grammar import render_chatml
-from ..paths import cache_dir, free_cores
+from ..paths import free_cores
 from .base import Generation, batch_slots, check_prompt, common_prefix
 
 # Image-text-to-text families we load with AutoModelForImageTextToText and drive as text generators.
 VLM_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "idefics2", "llava", "llava_next",
                        "paligemma", "mistral3", "qwen3_vl"})
 _DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _gguf_meta(path: Path) -> dict:
-    """The tokenizer metadata of a GGUF that transformers' tokenizer conversion gets wrong or drops."""
-    from gguf import GGUFReader, GGUFValueType
-
-    r = GGUFReader(str(path))
-    out = {}
-    for key in ("tokenizer.ggml.model", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
-                "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token"):
-        f = r.fields.get(key)
-        if f is None:
-            continue
-        val = f.parts[f.data[0]]
-        out[key.rsplit(".", 1)[1]] = bytes(val).decode() if f.types[0] == GGUFValueType.STRING else val.tolist()[0]
-    return out
-
-
-def tokenizer_from_gguf(path: str | Path):
-    """A transformers tokenizer read from a GGUF, with bos/eos/add_bos set from the GGUF's own metadata.
-
-    transformers' GGUF conversion (4.57) gets some of these wrong (SmolLM2: eos becomes <|im_start|>, add_bos
-    True where llama.cpp reads False), which would change both the tokens fed and where generation stops.
-    """
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    meta = _gguf_meta(path)
-    vocab = {i: t for t, i in tok.get_vocab().items()}
-    if "bos_token_id" in meta and meta["bos_token_id"] in vocab:
-        tok.bos_token = vocab[meta["bos_token_id"]]
-    if "eos_token_id" in meta and meta["eos_token_id"] in vocab:
-        tok.eos_token = vocab[meta["eos_token_id"]]
-    for flag in ("add_bos_token", "add_eos_token"):
-        if flag in meta and hasattr(tok, flag):
-            try:
-                setattr(tok, flag, bool(meta[flag]))
-            except (AttributeError, ValueError):  # pragma: no cover - tokenizer classes without the setter
-                pass
-    return tok
-
-
-def save_tokenizer(tok, folder: Path) -> None:
-    """Save a tokenizer, dropping the bogus `tokenizer.model` a GGUF-loaded tokenizer writes (a copy of the GGUF)."""
-    tok.save_pretrained(str(folder))
-    bogus = folder / "tokenizer.model"
-    if bogus.is_file() and (_is_bpe(tok) or bogus.read_bytes()[:4] == b"GGUF"):
-        bogus.unlink()  # fast tokenizers load from tokenizer.json; a wrong tokenizer.model would only mislead
-    _plain_byte_level(folder / "tokenizer.json")
-
-
-def _plain_byte_level(path: Path) -> None:
-    """Give a GGUF-derived byte-level BPE tokenizer.json the plain GPT-2 form.
-
-    transformers (4.57) writes byte_fallback and a SentencePiece-style decoder chain for GPT-2-style GGUF
-    vocabularies; llama.cpp's converter then takes it for a SentencePiece vocabulary and the converted GGUF aborts
-    on its first tokenization. Byte-level pre-tokenisation makes byte fallback unreachable, so encodings do not
-    change (checked in the tests), and a ByteLevel decoder decodes them exactly.
-    """
-    if not path.is_file():
-        return
-    d = json.loads(path.read_text(encoding="utf-8"))
-    pre = json.dumps(d.get("pre_tokenizer") or {})
-    model, dec = d.get("model") or {}, d.get("decoder") or {}
-    if model.get("type") == "BPE" and model.get("byte_fallback") and '"ByteLevel"' in pre \
-            and '"ByteLevel"' in json.dumps(dec):
-        model["byte_fallback"] = False
-        d["decoder"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-        path.write_text(json.dumps(d, ensure_ascii=False), encoding="utf-8")
-
-
-def _is_bpe(tok) -> bool:
-    backend = getattr(tok, "backend_tokenizer", None)
-    return backend is not None and type(backend.model).__name__ == "BPE"
-
-
-def hf_from_gguf(gguf: str | Path) -> Path:
-    """Dequantise a GGUF into a Hugging Face checkpoint once; later calls return the cached folder."""
-    from ..registry import sha256_file
-
-    require("gguf", "all")
-    gguf = Path(gguf)
-    key = f"{gguf.stem}-{sha256_file(gguf)[:12]}"
-    out = cache_dir("hf-from-gguf", key)
-    if _converted(out):
-        return out
-    torch = require("torch", "all")
-    from transformers import AutoModelForCausalLM
-
-    tmp = out.parent / f".{key}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        except (ValueError, KeyError, RuntimeError, OSError) as exc:
-            raise ModelNotFound(f"transformers cannot read {gguf}: {exc}", path=gguf,
-                                fix="use --backend llamacpp for this GGUF, or pass the Hugging Face folder") from exc
-        # A GGUF-loaded model carries a quantizer marker that save_pretrained refuses; the weights are plain now.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        save_tokenizer(tokenizer_from_gguf(gguf), tmp)
-        (tmp / "mmhops-source.json").write_text(json.dumps({"gguf": str(gguf.resolve()), "key": key}))
-        del model
-        if not _converted(out):  # another process may have finished first: keep its copy
-            shutil.rmtree(out, ignore_errors=True)  # cache_dir made it; os.replace needs it absent or empty
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def _converted(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and (folder / "mmhops-source.json").is_file()
-
-
-def _model_folder(path: Path) -> Path:
-    """A Hugging Face folder for a folder or GGUF path (GGUFs are converted and cached)."""
-    if path.is_dir():
-        if (path / "config.json").is_file():
-            return path
-        ggufs = sorted(path.glob("*.gguf"))
-        if ggufs:
-            return hf_from_gguf(ggufs[0])
-        raise ModelNotFound(f"{path} holds neither config.json nor a .gguf file", path=path,
-                            fix="pass a Hugging Face model folder or a .gguf file")
-    if path.is_file() and path.suffix == ".gguf":
-        return hf_from_gguf(path)
-    if not path.exists():
-        raise ModelNotFound(f"{path} does not exist", path=path, fix="check the path, or use a registry name")
-    raise ModelNotFound(f"{path} is neither a Hugging Face folder nor a .gguf file", path=path,
-                        fix="pass a folder with config.json, or a .gguf file")
 
 
 class TorchGenerator:
@@ -175,7 +40,7 @@ class TorchGenerator:
         self.torch = torch
         torch.set_num_threads(threads or free_cores())
         src = Path(os.path.expanduser(str(model_path)))
-        folder = _model_folder(src)
+        folder = hf_folder(src)
         try:
             config = transformers.AutoConfig.from_pretrained(str(folder))
         except (ValueError, OSError, KeyError) as exc:
@@ -409,4 +274,3 @@ class TorchGenerator:
         self._cache, self._cached_ids, self._rows = None, [], None
 
 
-__all__ = ["TorchGenerator", "hf_from_gguf", "save_tokenizer", "tokenizer_from_gguf"]

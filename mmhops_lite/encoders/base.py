@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -42,11 +41,13 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 
 def package_dir(package: str, install: str) -> Path:
-    """The folder of an installed package, found without importing it (model packages run code on import)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
+    """The folder of an installed model package (found without importing it), or ModelNotFound with `install`."""
+    from ..registry import package_dir as find
+
+    folder = find(package)
+    if folder is None:
         raise ModelNotFound(f"the model package '{package}' is not installed.", fix=install)
-    return Path(next(iter(spec.submodule_search_locations)))
+    return folder
 
 
 def same_as_packaged(path: Path, packaged: Callable[[], Path]) -> bool:

@@ -9,11 +9,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable
 
 import numpy as np
 
 from ..config import IndexConfig, SearchConfig
+from ..encoders.base import Encoder
 from ..errors import IndexCorrupt, IndexLocked, InputError
 from ..paths import sha256
 from ..safeio import atomic_json, open_lock
@@ -26,13 +27,6 @@ MANIFEST = "manifest.json"
 STORE = "store.sqlite"
 GRAPH_NAME = re.compile(r"(passages|images)-(\d{6})\.hnsw")
 OPEN_WAIT_S = 10.0  # how long an open keeps retrying while a writer publishes a new generation
-
-
-class Encoder(Protocol):
-    id: str
-    dim: int
-
-    def encode(self, items: Sequence, batch_size: int = 32) -> np.ndarray: ...
 
 
 @dataclass

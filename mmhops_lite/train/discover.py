@@ -299,14 +299,14 @@ def discover_turns(q: Question, index, cfg, perceptions, search_cache: dict | No
 def discovered_episode(q: Question, render, count_tokens, index, cfg, perceptions, search_cache: dict | None = None,
                        failures: list | None = None, **search_kw) -> tuple[Episode, object] | None:
     """Discover q's turns and replay them through the loop, as gold_episode does: (Episode, Trace) or None."""
-    from .episodes import _Teacher  # lazily: the same teacher gold_episode uses
+    from ..data.gold import Teacher  # lazily: the same teacher gold_episode uses
 
     found = discover_turns(q, index, cfg, perceptions, search_cache, count_tokens=count_tokens, failures=failures,
                            **search_kw)
     if found is None:
         return None
     eps: list[Episode] = []
-    tr = answer(q.problem, _Teacher(render, count_tokens, found.turns), index, cfg, perceptions,
+    tr = answer(q.problem, Teacher(render, count_tokens, found.turns), index, cfg, perceptions,
                 search_cache=search_cache, episode_out=eps)
     if tr.answer != q.answer or [(h.action, h.argument) for h in tr.hops] != found.path:
         if failures is not None:

@@ -16,10 +16,11 @@ from ..rewards import Weights
 from ..safeio import atomic_write
 from .distributed import Dist
 from .episodes import TokenizedEpisode
-from .grpo import GRPOConfig
-from .policy import LoraSpec, adapter_to_gguf, load_for_training, save_adapter
-from .rl import plot_curves, run_grpo
-from .sft import GoldReport, SFTConfig, build_gold_set, rejection_episodes, run_sft, with_paths
+from ..convert import adapter_to_gguf
+from .policy import load_for_training, save_adapter
+from .grpo_run import plot_curves, run_grpo
+from .settings import GRPOConfig, LoraSpec, SFTConfig, check_choices
+from .sft import GoldReport, build_gold_set, rejection_episodes, run_sft, with_paths
 
 
 def _save_data(path: Path, data: list[TokenizedEpisode]) -> None:
@@ -39,14 +40,9 @@ def train(questions_file: str | Path, index, cfg: Config, out: str | Path, *, mo
           lora: LoraSpec = LoraSpec(), sft: SFTConfig | None = SFTConfig(), grpo: GRPOConfig | None = GRPOConfig(),
           weights: Weights = Weights(), gguf_adapter: bool = True, on_event: Callable[[str, dict], None] | None = None) -> dict:
     """Train a LoRA adapter on a question file over an open index; resumable from `out`."""
-    if grpo is not None:
-        for name, value, allowed in (("--engine", grpo.engine, ("llamacpp", "torch")),
-                                     ("--rollout-weights", grpo.rollout_weights, ("merged", "adapter")),
-                                     ("--update-dtype", grpo.update_dtype, ("auto", "bf16", "fp32")),
-                                     ("--rollouts", grpo.rollouts, ("batched", "sequential")),
-                                     ("--loss", grpo.loss, ("grpo", "dr_grpo", "reinforce"))):
-            if value not in allowed:
-                raise InputError(f"{name} {value!r} is not an option", fix=f"use one of: {', '.join(allowed)}")
+    for settings in (lora, sft, grpo):
+        if settings is not None:
+            check_choices(settings)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dist = Dist()  # one process unless started by `accelerate launch` / `torchrun`
@@ -61,7 +57,7 @@ def train(questions_file: str | Path, index, cfg: Config, out: str | Path, *, mo
     meta = {"base": str(model), "base_hf": str(base_dir), "base_gguf": str(base_gguf) if base_gguf else None,
             "questions": str(Path(questions_file).resolve()), "lora": asdict(lora),
             "sft": asdict(sft) if sft else None, "grpo": asdict(grpo) if grpo else None,
-            "reward": asdict(weights), "hardware": f"{platform.machine()} {platform.processor()}".strip()}
+            "reward": weights.to_dict(), "hardware": f"{platform.machine()} {platform.processor()}".strip()}
     result = {"out": str(out), "meta": meta}
     if sft is not None:
         data_path = out / "sft-data.jsonl"

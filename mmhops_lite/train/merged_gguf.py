@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import require
 from ..backends.merged import write_merged
-from .policy import GGUFLayout
+from ..convert import GGUFLayout
 
 
 def lora_deltas(net, layout: GGUFLayout) -> dict:

@@ -14,24 +14,10 @@ from ..loop import perceive
 from ..types import Question
 from .checkpoint import load_checkpoint, save_checkpoint, trim_log
 from .distributed import Dist
-from .episodes import TokenizedEpisode, gold_episode, gold_turns, tokenize_episode
-from .grpo import policy_logprobs, update_bf16
-
-
-@dataclass(frozen=True)
-class SFTConfig:
-    """SFT settings."""
-
-    epochs: int = 1
-    lr: float = 2e-4
-    batch_size: int = 4  # episodes per optimiser step (gradient accumulation, one sequence at a time)
-    max_examples: int = 240
-    discover_share: float = 0.25  # share of templated questions taught by a discovered path instead of the plan
-    rejection_samples: int = 4  # rollouts of the starting policy per question no trajectory was found for (0 = off)
-    rejection_questions: int = 48  # at most this many such questions are sampled
-    checkpoint_every: int = 10
-    seed: int = 0
-    update_dtype: str = "auto"  # auto (bf16 autocast where the CPU has AMX) | bf16 | fp32, as for GRPO
+from ..data.gold import gold_episode, gold_turns
+from .episodes import TokenizedEpisode, tokenize_episode
+from .grpo_loss import policy_logprobs, update_bf16
+from .settings import SFTConfig
 
 
 @dataclass
@@ -129,14 +115,13 @@ def rejection_episodes(questions: Sequence[Question], report: GoldReport, tokeni
     SFT data. Skipped (empty) when the base has no GGUF to sample with."""
     from ..backends.base import adapter_for
     from ..backends.llamacpp import LlamaCppGenerator
-    from ..registry import shipped_adapter
+    from ..registry import choose_adapter
     from .discover import rejection_sample
 
     todo = [q for q in questions if q.id in report.missed][: scfg.rejection_questions]
     if not todo or base_gguf is None:
         return []
-    adapter = cfg.model.adapter
-    adapter = shipped_adapter(model) if adapter == "auto" else (None if adapter in ("", "none") else adapter)
+    adapter = choose_adapter(model, cfg.model.adapter)
     gen = LlamaCppGenerator(base_gguf, n_ctx=cfg.model.n_ctx, threads=cfg.model.threads,
                             lora_path=adapter_for("llamacpp", adapter) if adapter else None)
     perceptions: dict = {}

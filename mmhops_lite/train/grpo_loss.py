@@ -14,33 +14,11 @@ from __future__ import annotations
 import math
 import random
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import require
 from .episodes import TokenizedEpisode
-
-
-@dataclass(frozen=True)
-class GRPOConfig:
-    """GRPO settings (defaults: the small-model CPU recipe)."""
-
-    steps: int = 40
-    questions_per_step: int = 2
-    group_size: int = 4
-    lr: float = 1e-4
-    loss: str = "dr_grpo"  # grpo (std-normalised, per-sequence mean) | dr_grpo (no std, token sum / constant) | reinforce
-    kl: float = 0.0  # k3 KL to the reference policy (adapter off); 0 skips the extra forward pass
-    clip: float = 0.2
-    temperature: float = 1.0
-    engine: str = "llamacpp"  # llamacpp (GGUF adapter over the base GGUF) | torch (the live peft model)
-    refresh_every: int = 1  # steps between GGUF adapter refreshes of the llama.cpp engine
-    rollout_weights: str = "merged"  # llama.cpp engine: merged (LoRA folded into a Q8_0 GGUF) | adapter (GGUF LoRA)
-    rollouts: str = "batched"  # batched (a step's rollouts decoded side by side) | sequential (one after another)
-    importance_cap: float = 2.0  # truncated importance weights for the llama.cpp sampler (0 = off)
-    update_dtype: str = "auto"  # auto (bf16 autocast where the CPU has AMX) | bf16 | fp32
-    checkpoint_every: int = 5
-    seed: int = 0
+from .settings import GRPOConfig
 
 
 def advantages(rewards: list[float], kind: str) -> list[float]:

@@ -1,5 +1,6 @@
-"""Export bundles: policy files, the vision tower's ONNX, the grammar version and a manifest with the sha256 of
-every file and the parity measured against the torch model; verified before use, refused when altered."""
+"""Writing export bundles (mmhops_lite/bundle.py reads them): the format's policy files (export/formats.py),
+the vision tower's ONNX, the grammar version and a manifest with the sha256 of every file and the parity measured
+against the torch model; verified before use, refused when altered."""
 from __future__ import annotations
 
 import os
@@ -14,6 +15,7 @@ from typing import Sequence
 from mmhops_lite import grammar
 from mmhops_lite.bundle import (
     FORMAT,
+    KINDS,
     _listed_names,
     _manifest,
     bundle_generator,
@@ -25,11 +27,7 @@ from mmhops_lite.errors import CorruptFile, InputError, ParityFailed
 from mmhops_lite.paths import sha256
 from mmhops_lite.safeio import atomic_json, remove_tree, swap_dirs
 
-from . import gguf as G
-from . import onnx as O
-
-PARITY_GATE = {"f16": 0.98, "adapter": 0.98, "q8_0": 0.95, "q4_k_m": 0.0,  # q4_k_m: reported, not gated
-               "onnx-fp32": 0.98, "onnx-int8": 0.95}
+from .formats import FORMATS, Job
 
 
 def parity_prompts(n: int = 50, questions: str | Path | None = None, index=None, count_tokens=None,
@@ -63,7 +61,7 @@ def _gold_prompts(qs, n: int, index, count_tokens, cfg) -> list:
     from mmhops_lite.config import Config
     from mmhops_lite.grammar import render_chatml
     from mmhops_lite.loop import perceive
-    from mmhops_lite.train.episodes import gold_episode
+    from mmhops_lite.data.gold import gold_episode
 
     cfg = cfg or Config.resolve()
     count = count_tokens or (lambda text: len(text) // 4)
@@ -102,35 +100,22 @@ def agreement(a: Sequence[str], b: Sequence[str]) -> float:
     return sum(x == y for x, y in zip(a, b)) / max(len(a), 1)
 
 
-def export_gguf(base: str, adapter: str | None, out: Path, quant: str = "q8_0", adapter_only: bool = False,
-                prompts: int = 50, questions: str | Path | None = None, force: bool = False, index=None) -> dict:
-    """Export a GGUF bundle (merged + quantized, or the adapter over the base GGUF) and gate it on parity."""
-    return export_bundle("gguf", base, adapter, out, quant, adapter_only, prompts, questions, force, index)
-
-
-def export_onnx_bundle(base: str, adapter: str | None, out: Path, quant: str = "int8", prompts: int = 50,
-                       questions: str | Path | None = None, force: bool = False, index=None) -> dict:
-    """Export an ONNX bundle (merged, fp32 or 8-bit weight-only) and gate it on parity."""
-    return export_bundle("onnx", base, adapter, out, quant, False, prompts, questions, force, index)
-
-
-def export_bundle(fmt: str, base: str, adapter: str | None, out: Path, quant: str, adapter_only: bool = False,
-                  prompts: int = 50, questions: str | Path | None = None, force: bool = False, index=None,
-                  progress=None) -> dict:
-    """Write a verified bundle: build the policy files, measure parity against torch, refuse below the gate.
+def export_bundle(fmt: str, base: str, adapter: str | None, out: Path, quant: str | None = None, prompts: int = 50,
+                  questions: str | Path | None = None, force: bool = False, index=None, progress=None) -> dict:
+    """Write a verified bundle in a format of the FORMATS table: build its files, measure parity against torch,
+    refuse below the format's gate for that quantization, then swap the folder in atomically.
 
     `index` (an open MultimodalIndex) with `questions` makes the parity prompts the dev split's real ones.
     """
-    from mmhops_lite.backends.base import adapter_for
-    from mmhops_lite.train.policy import adapter_to_gguf, base_folder
+    from mmhops_lite.convert import base_folder
 
     say = progress or (lambda msg: None)
-    if fmt == "gguf" and not adapter_only and quant not in G.QUANTS:
-        raise InputError(f"unknown GGUF quantization '{quant}'", fix=f"use one of: {', '.join(G.QUANTS)}")
-    if fmt == "onnx" and quant not in O.ONNX_QUANTS:
-        raise InputError(f"unknown ONNX quantization '{quant}'", fix=f"use one of: {', '.join(O.ONNX_QUANTS)}")
-    if fmt not in ("gguf", "onnx"):
-        raise InputError(f"unknown export format '{fmt}'", fix="use gguf or onnx")
+    if fmt not in FORMATS:
+        raise InputError(f"unknown export format '{fmt}'", fix=f"use one of: {', '.join(FORMATS)}")
+    spec = FORMATS[fmt]
+    quant = quant or spec.default_quant
+    if quant not in spec.gates:
+        raise InputError(f"unknown {fmt} quantization '{quant}'", fix=f"use one of: {', '.join(spec.gates)}")
     t0 = time.perf_counter()
     base_dir, base_gguf = base_folder(base)
     out = Path(out)
@@ -138,40 +123,16 @@ def export_bundle(fmt: str, base: str, adapter: str | None, out: Path, quant: st
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".mmhops-export-", dir=str(out.parent)))
     try:
-        files: dict[str, Path] = {}
-        if adapter_only:
-            if adapter is None or base_gguf is None:
-                raise InputError("--adapter-only needs --adapter and a GGUF base", fix="e.g. --model "
-                                 "smollm2-135m-instruct --adapter runs/train --adapter-only")
-            say("converting the LoRA to a GGUF adapter")
-            adapter_to_gguf(adapter_for("torch", adapter), base_dir, work / "adapter.gguf")
-            files["adapter.gguf"] = work / "adapter.gguf"
-            kind, gate_key = "gguf-adapter", "adapter"
-        else:
-            say("merging the adapter into the base" if adapter else "writing the base as a Hugging Face folder")
-            merged = G.merge(base, adapter, work / "merged")
-            if fmt == "gguf":
-                say("converting to GGUF F16")
-                G.convert(merged, work / "f16.gguf", "f16")
-                say(f"quantizing to {quant}")
-                G.quantize(work / "f16.gguf", work / "policy.gguf", quant)
-                files["policy.gguf"] = work / "policy.gguf"
-                kind, gate_key = "gguf", quant
-            else:
-                say(f"exporting to ONNX ({quant}) with optimum")
-                O.export_onnx(merged, work / "policy-onnx", quant)
-                for f in sorted((work / "policy-onnx").iterdir()):
-                    files[f"policy-onnx/{f.name}"] = f
-                kind, gate_key = "onnx", f"onnx-{quant}"
-        candidate = _open(kind, work, base_gguf)
+        files = spec.build(Job(str(base), base_dir, base_gguf, adapter, quant, work, say))
+        candidate = KINDS[spec.kind].load(work, base_gguf, 4096, 0)
         say("measuring parity against the torch model")
         reference = _reference(base_dir, adapter)
         items, source = parity_prompts(prompts, questions, index, reference.count_tokens)
         agree = agreement(greedy_next(reference, items), greedy_next(candidate, items))
         del candidate, reference
-        gate = PARITY_GATE[gate_key]
+        gate = spec.gates[quant]
         if agree < gate and not force:
-            raise ParityFailed(f"parity {agree:.3f} is below the gate {gate} for {kind} {quant}: bundle not written",
+            raise ParityFailed(f"parity {agree:.3f} is below the gate {gate} for {fmt} {quant}: bundle not written",
                                fix="use a higher-precision --quant (f16, q8_0; fp32 for ONNX), or --force to write "
                                    "it anyway")
         vision = _vision_onnx()
@@ -180,9 +141,10 @@ def export_bundle(fmt: str, base: str, adapter: str | None, out: Path, quant: st
             shutil.copyfile(vision, work / "vision" / "image-encoder.onnx")
             files["vision/image-encoder.onnx"] = work / "vision" / "image-encoder.onnx"
         manifest = {
-            "format_version": FORMAT, "kind": kind, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "base": str(base), "base_gguf_sha256": sha256(base_gguf) if (adapter_only and base_gguf) else None,
-            "adapter": str(adapter) if adapter else None, "quant": None if adapter_only else quant,
+            "format_version": FORMAT, "kind": spec.kind, "format": fmt,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "base": str(base), "base_gguf_sha256": sha256(base_gguf) if (spec.kind == "gguf-adapter" and base_gguf) else None,
+            "adapter": str(adapter) if adapter else None, "quant": quant,
             "grammar_version": grammar.GRAMMAR_VERSION, "runtimes": _versions(),
             "parity": {"prompts": len(items), "source": source, "greedy_top1_agreement": round(agree, 4),
                        "gate": gate, "forced": bool(force and agree < gate)},
@@ -236,26 +198,13 @@ def _reference(base_dir: Path, adapter: str | None):
     return TorchGenerator(base_dir, n_ctx=4096, adapter=adapter_for("torch", adapter) if adapter else None)
 
 
-def _open(kind: str, work: Path, base_gguf: Path | None):
-    """The freshly written policy, loaded by the runtime users will run it with."""
-    if kind == "onnx":
-        from mmhops_lite.backends.onnx_backend import OnnxGenerator
-
-        return OnnxGenerator(work / "policy-onnx", n_ctx=4096)
-    from mmhops_lite.backends.llamacpp import LlamaCppGenerator
-
-    if kind == "gguf-adapter":
-        return LlamaCppGenerator(base_gguf, n_ctx=4096, lora_path=work / "adapter.gguf")
-    return LlamaCppGenerator(work / "policy.gguf", n_ctx=4096)
-
-
 def verify_bundle(bundle: Path, parity: bool = False, prompts: int = 50, questions: str | Path | None = None,
                   index=None) -> dict:
     """Check every file against the manifest (and optionally recompute parity); raise CorruptFile naming the file."""
     man = check_bundle(bundle)
     out = {"ok": True, "files": len(man["files"]), "parity": man["parity"]}
     if parity:
-        from mmhops_lite.train.policy import base_folder
+        from mmhops_lite.convert import base_folder
 
         base_dir, _ = base_folder(man["base"])
         reference = _reference(base_dir, man["adapter"])

@@ -10,14 +10,16 @@ from typing import Callable, Sequence
 from ..config import Config
 from ..errors import require
 from ..loop import answer, answer_many, perceive
-from ..rewards import Weights, total_reward
+from ..rewards import Weights, part_names, total_reward
 from ..types import Question
 from .checkpoint import load_checkpoint, save_checkpoint, trim_log
 from .distributed import Dist
 from .episodes import tokenize_episode
-from .grpo import GRPOConfig, advantages, group_backward, question_order
+from .grpo_loss import advantages, group_backward, question_order
 from .merged_gguf import MergedGGUF
-from .policy import adapter_to_gguf, lora_to_gguf, save_adapter
+from ..convert import adapter_to_gguf, lora_to_gguf
+from .policy import save_adapter
+from .settings import GRPOConfig
 
 ZERO_VAR_WARN, NO_SEARCH_WARN = 5, 5  # consecutive steps before a collapse warning
 
@@ -129,7 +131,7 @@ def sampler_positions(tokenizer, prompt: str, segments, turns: list[list[float]]
 
 def _summary(tr, reward: dict) -> dict:
     """What the step log needs of one rollout (small, so processes can exchange it)."""
-    return {**{k: reward[k] for k in ("total", "outcome", "format", "action", "correct")},
+    return {**reward,
             "searches": sum(h.action in ("image_search", "text_search") for h in tr.hops), "turns": len(tr.hops),
             "generated": tr.tokens["generated"], "evaluated": tr.tokens["evaluated"], "episode": tr.tokens["prompt"]}
 
@@ -138,7 +140,9 @@ def run_grpo(net, tok, questions: Sequence[Question], index, cfg: Config, g: GRP
              base_dir: Path, base_gguf: Path | None, meta: dict, weights: Weights = Weights(),
              on_step: Callable[[dict], None] | None = None, on_warning: Callable[[str], None] | None = None,
              dist: Dist | None = None) -> dict:
-    """Run GRPO steps until g.steps; resumes from out/grpo-checkpoint exactly where it stopped.
+    """Run GRPO steps until g.steps; resumes from out/grpo-checkpoint exactly where it stopped. Each step:
+    refresh the rollout engine, roll out every question's group (`_rollouts`), update on the groups whose rewards
+    differ (`_update`), then log (`_record`), warn on collapse, and checkpoint.
 
     Under data parallelism (`dist` with several processes) each process rolls out every world-th question of a
     step, gradients are summed across processes, and the first process writes the log and checkpoints."""
@@ -150,102 +154,25 @@ def run_grpo(net, tok, questions: Sequence[Question], index, cfg: Config, g: GRP
     engine = Engine(g.engine, net, tok, out, base_dir, base_gguf, cfg, g.rollout_weights,
                     tag=f".rank{dist.rank}" if dist.world > 1 else "")
     engine.records = engine.kind == "llamacpp" and g.importance_cap > 0
-    rcfg = replace(cfg, loop=replace(cfg.loop, temperature=g.temperature))
-    perceptions: dict = {}
-    cache: dict = {}
+    roll = _Rollouts(engine, questions, index, replace(cfg, loop=replace(cfg.loop, temperature=g.temperature)), g,
+                     tok, weights, dist)
     log = out / "grpo-log.jsonl"
     if dist.main:
         trim_log(log, state["step"])
     warn = on_warning or (lambda msg: None)
-    n_train = g.questions_per_step * g.group_size  # every rollout of the step, over all processes
     while state["step"] < g.steps:
         step = state["step"]
-        t_ref = time.perf_counter()
+        t0 = time.perf_counter()
         if engine.gen is None or step - engine.version >= g.refresh_every:
             net.eval()
             engine.refresh(step)
-        t0 = time.perf_counter()
-        t_ref = t0 - t_ref
-        groups, jobs = [], []
-        for qi in dist.share(question_order(len(questions), step, g.questions_per_step, g.seed)):
-            q = questions[qi]
-            if q.id not in perceptions:
-                perceptions[q.id] = perceive(q.images, index.image_encoder, ocr=cfg.encoders.ocr) if q.images else []
-            jobs += [(qi, q, k) for k in range(g.group_size)]
-        eps: list = []
-        seeds = [g.seed * 100003 + step * 101 + qi * 11 + k for qi, _, k in jobs]
-        if g.rollouts == "batched":  # each turn, the step's episodes still going are decoded in one batch
-            traces = answer_many([q.problem for _, q, _ in jobs], engine.gen, index, rcfg,
-                                 [perceptions[q.id] for _, q, _ in jobs], seeds, search_cache=cache, episode_out=eps)
-        else:
-            traces = []
-            for (_, q, _), seed in zip(jobs, seeds):
-                if engine.kind == "torch":  # the live model's cache must not carry numerics across rollouts
-                    engine.gen.reset()
-                traces.append(answer(q.problem, engine.gen, index, rcfg, perceptions[q.id], seed=seed,
-                                     search_cache=cache, episode_out=eps))
-        for j, (qi, q, k) in enumerate(jobs):
-            if k == 0:
-                groups.append((q, []))
-            turns = sampler_turns(tok, eps[j]) if engine.records else None
-            groups[-1][1].append((traces[j], eps[j], total_reward(traces[j], q, weights), turns))
-        t_roll = time.perf_counter() - t0
         t1 = time.perf_counter()
-        net.train()
-        opt.zero_grad(set_to_none=True)
-        trained, zero_groups, stats, loss_sum = 0, 0, [], 0.0
-        for q, ro in groups:
-            adv = advantages([r["total"] for _, _, r, _ in ro], "grpo" if g.loss == "grpo" else "dr_grpo")
-            if all(abs(a) < 1e-9 for a in adv):
-                zero_groups += 1  # nothing to learn from a group whose rollouts all scored the same
-                continue
-            items = []
-            for (tr, ep, _, turns), a in zip(ro, adv):
-                if abs(a) < 1e-9:
-                    continue
-                te = tokenize_episode(tok, ep.prompt, ep.segments)
-                slp = sampler_positions(tok, ep.prompt, ep.segments, turns, len(te.input_ids)) if turns else None
-                items.append((te, a, slp))
-            results = group_backward(net, items, g, 1.0 / n_train)  # the shared prompt is run (and backpropagated) once
-            for loss, st in results:
-                loss_sum += float(loss) / n_train
-                stats.append(st)
-                trained += 1
-        parts = dist.gather({"flat": [{**_summary(tr, r), "split": q.split} for q, ro in groups for tr, _, r, _ in ro],
-                             "stats": stats,
-                             "zero": zero_groups, "groups": len(groups), "trained": trained, "loss": loss_sum})
-        trained = sum(x["trained"] for x in parts)
-        if trained:
-            dist.sum_grads(params)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-        t_loss = time.perf_counter() - t1
-        flat = [f for x in parts for f in x["flat"]]
-        stats = [st for x in parts for st in x["stats"]]
-        zero_groups, n_groups = sum(x["zero"] for x in parts), sum(x["groups"] for x in parts)
-
-        def mean(key, rows, nd):
-            return round(sum(r[key] for r in rows) / len(rows), nd) if rows else None
-
-        rec = {"phase": "grpo", "step": step + 1, "of": g.steps, "loss": round(sum(x["loss"] for x in parts), 6),
-               "reward": mean("total", flat, 4),
-               **{f"reward_{k}": mean(k, flat, 4) for k in ("outcome", "format", "action")},
-               "accuracy": mean("correct", flat, 4),
-               "accuracy_by_split": {sp: mean("correct", [f for f in flat if f["split"] == sp], 4)
-                                     for sp in sorted({f["split"] for f in flat})},
-               "searches": mean("searches", flat, 3),
-               "turns": mean("turns", flat, 3), "completion_tokens": mean("generated", flat, 1),
-               "entropy": mean("entropy", stats, 4), "kl": mean("kl", stats, 5),
-               "importance": mean("importance", stats, 4), "importance_capped": mean("importance_capped", stats, 5),
-               "zero_variance_groups": zero_groups, "trained_rollouts": trained,
-               "rollout_tokens": sum(f["generated"] + f["evaluated"] for f in flat),
-               "episode_tokens": sum(f["episode"] for f in flat),
-               "update_tokens": sum(st.get("forward_tokens", 0) for st in stats),
-               "refresh_s": round(t_ref, 2), "rollout_s": round(t_roll, 2), "update_s": round(t_loss, 2),
-               "seconds": round(t_ref + t_roll + t_loss, 2), "engine": engine.kind}
-        if dist.world > 1:
-            rec["processes"] = dist.world
-        state["zero_var"] = state["zero_var"] + 1 if zero_groups == n_groups else 0
+        groups = roll(step)
+        t2 = time.perf_counter()
+        parts = _update(net, opt, params, groups, g, tok, dist)
+        rec = _record(parts, step, g, engine.kind, (t1 - t0, t2 - t1, time.perf_counter() - t2), dist.world)
+        n_groups = sum(x["groups"] for x in parts)
+        state["zero_var"] = state["zero_var"] + 1 if rec["zero_variance_groups"] == n_groups else 0
         state["no_search"] = state["no_search"] + 1 if rec["searches"] < 0.05 else 0
         state["step"] = step + 1
         if dist.main:
@@ -262,6 +189,115 @@ def run_grpo(net, tok, questions: Sequence[Question], index, cfg: Config, g: GRP
                 save_checkpoint(out / "grpo-checkpoint", net, opt, state, meta)
         dist.barrier()  # nobody starts the next step (or reads a checkpoint) before it is written
     return state
+
+
+class _Rollouts:
+    """One step's rollouts: this process's share of the step's questions, `group_size` episodes each through the
+    `ask` loop (decoded side by side when batched), scored by the reward table. Perceptions and search results are
+    cached across steps."""
+
+    def __init__(self, engine: Engine, questions, index, rcfg: Config, g: GRPOConfig, tok, weights: Weights,
+                 dist: Dist):
+        self.engine, self.questions, self.index, self.rcfg, self.g = engine, questions, index, rcfg, g
+        self.tok, self.weights, self.dist = tok, weights, dist
+        self.perceptions: dict = {}
+        self.cache: dict = {}
+
+    def __call__(self, step: int) -> list:
+        """[(question, [(trace, episode, reward parts, sampler log-probs or None), ...]), ...]"""
+        g, engine = self.g, self.engine
+        jobs = []
+        for qi in self.dist.share(question_order(len(self.questions), step, g.questions_per_step, g.seed)):
+            q = self.questions[qi]
+            if q.id not in self.perceptions:
+                self.perceptions[q.id] = perceive(q.images, self.index.image_encoder,
+                                                  ocr=self.rcfg.encoders.ocr) if q.images else []
+            jobs += [(qi, q, k) for k in range(g.group_size)]
+        eps: list = []
+        seeds = [g.seed * 100003 + step * 101 + qi * 11 + k for qi, _, k in jobs]
+        if g.rollouts == "batched":  # each turn, the step's episodes still going are decoded in one batch
+            traces = answer_many([q.problem for _, q, _ in jobs], engine.gen, self.index, self.rcfg,
+                                 [self.perceptions[q.id] for _, q, _ in jobs], seeds, search_cache=self.cache,
+                                 episode_out=eps)
+        else:
+            traces = []
+            for (_, q, _), seed in zip(jobs, seeds):
+                if engine.kind == "torch":  # the live model's cache must not carry numerics across rollouts
+                    engine.gen.reset()
+                traces.append(answer(q.problem, engine.gen, self.index, self.rcfg, self.perceptions[q.id], seed=seed,
+                                     search_cache=self.cache, episode_out=eps))
+        groups: list = []
+        for j, (qi, q, k) in enumerate(jobs):
+            if k == 0:
+                groups.append((q, []))
+            turns = sampler_turns(self.tok, eps[j]) if engine.records else None
+            groups[-1][1].append((traces[j], eps[j], total_reward(traces[j], q, self.weights), turns))
+        return groups
+
+
+def _update(net, opt, params, groups: list, g: GRPOConfig, tok, dist: Dist) -> list[dict]:
+    """One optimiser step on the groups whose rewards differ (the shared prompt of a group is run once), gradients
+    summed across processes; returns every process's summary (rollouts, loss statistics, group counts)."""
+    torch = require("torch", "train")
+    n_train = g.questions_per_step * g.group_size  # every rollout of the step, over all processes
+    net.train()
+    opt.zero_grad(set_to_none=True)
+    trained, zero_groups, stats, loss_sum = 0, 0, [], 0.0
+    for q, ro in groups:
+        adv = advantages([r["total"] for _, _, r, _ in ro], "grpo" if g.loss == "grpo" else "dr_grpo")
+        if all(abs(a) < 1e-9 for a in adv):
+            zero_groups += 1  # nothing to learn from a group whose rollouts all scored the same
+            continue
+        items = []
+        for (tr, ep, _, turns), a in zip(ro, adv):
+            if abs(a) < 1e-9:
+                continue
+            te = tokenize_episode(tok, ep.prompt, ep.segments)
+            slp = sampler_positions(tok, ep.prompt, ep.segments, turns, len(te.input_ids)) if turns else None
+            items.append((te, a, slp))
+        for loss, st in group_backward(net, items, g, 1.0 / n_train):
+            loss_sum += float(loss) / n_train
+            stats.append(st)
+            trained += 1
+    parts = dist.gather({"flat": [{**_summary(tr, r), "split": q.split} for q, ro in groups for tr, _, r, _ in ro],
+                         "stats": stats, "zero": zero_groups, "groups": len(groups), "trained": trained,
+                         "loss": loss_sum})
+    if sum(x["trained"] for x in parts):
+        dist.sum_grads(params)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+    return parts
+
+
+def _record(parts: list[dict], step: int, g: GRPOConfig, engine: str, seconds: tuple, world: int) -> dict:
+    """The step's log line: rewards by part, accuracy (by split), searches, tokens, update statistics, timings."""
+    flat = [f for x in parts for f in x["flat"]]
+    stats = [st for x in parts for st in x["stats"]]
+    t_ref, t_roll, t_loss = seconds
+
+    def mean(key, rows, nd):
+        return round(sum(r[key] for r in rows) / len(rows), nd) if rows else None
+
+    rec = {"phase": "grpo", "step": step + 1, "of": g.steps, "loss": round(sum(x["loss"] for x in parts), 6),
+           "reward": mean("total", flat, 4),
+           **{f"reward_{k}": mean(k, flat, 4) for k in (part_names(flat[0]) if flat else ())},
+           "accuracy": mean("correct", flat, 4),
+           "accuracy_by_split": {sp: mean("correct", [f for f in flat if f["split"] == sp], 4)
+                                 for sp in sorted({f["split"] for f in flat})},
+           "searches": mean("searches", flat, 3),
+           "turns": mean("turns", flat, 3), "completion_tokens": mean("generated", flat, 1),
+           "entropy": mean("entropy", stats, 4), "kl": mean("kl", stats, 5),
+           "importance": mean("importance", stats, 4), "importance_capped": mean("importance_capped", stats, 5),
+           "zero_variance_groups": sum(x["zero"] for x in parts),
+           "trained_rollouts": sum(x["trained"] for x in parts),
+           "rollout_tokens": sum(f["generated"] + f["evaluated"] for f in flat),
+           "episode_tokens": sum(f["episode"] for f in flat),
+           "update_tokens": sum(st.get("forward_tokens", 0) for st in stats),
+           "refresh_s": round(t_ref, 2), "rollout_s": round(t_roll, 2), "update_s": round(t_loss, 2),
+           "seconds": round(t_ref + t_roll + t_loss, 2), "engine": engine}
+    if world > 1:
+        rec["processes"] = world
+    return rec
 
 
 def plot_curves(out: Path) -> Path | None:
