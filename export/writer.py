@@ -59,9 +59,9 @@ def parity_prompts(n: int = 50, questions: str | Path | None = None, index=None,
 
 def _gold_prompts(qs, n: int, index, count_tokens, cfg) -> list:
     from mmhops_lite.config import Config
+    from mmhops_lite.data.gold import gold_episode
     from mmhops_lite.grammar import render_chatml
     from mmhops_lite.loop import perceive
-    from mmhops_lite.data.gold import gold_episode
 
     cfg = cfg or Config.resolve()
     count = count_tokens or (lambda text: len(text) // 4)

@@ -7,10 +7,10 @@ from fakes import HashTextEncoder, TinyImageEncoder
 
 from mmhops_lite import grammar
 from mmhops_lite.config import Config
+from mmhops_lite.data.gold import gold_episode, gold_turns, policy_turns
 from mmhops_lite.data.questions import load_questions
 from mmhops_lite.index import KnowledgeBase, MultimodalIndex, sync
 from mmhops_lite.loop import Perception
-from mmhops_lite.data.gold import gold_episode, gold_turns, policy_turns
 from mmhops_lite.train.episodes import tokenize_episode
 
 

@@ -33,7 +33,6 @@ def tiny_lora(tmp_path_factory):
 
 def test_merged_gguf_bundle_passes_parity_and_is_verified(tiny_lora, tmp_path):
     from export.writer import export_bundle, verify_bundle
-
     from mmhops_lite import api
     from mmhops_lite.config import Config
 
@@ -85,7 +84,6 @@ def test_gguf_bundle_loads_in_stock_llama_cpp(tiny_lora, tmp_path, capfd):
 def test_adapter_only_bundle_over_a_gguf_base(tiny_lora, tmp_path):
     """The LoRA alone, as a GGUF adapter over a GGUF base: parity against torch(base + PEFT adapter)."""
     from export.writer import export_bundle, verify_bundle
-
     from mmhops_lite import api
     from mmhops_lite.config import Config
 
@@ -171,7 +169,6 @@ def test_onnx_bundle_parity_stock_session_and_tampering(tiny_lora, tmp_path, qua
 def test_onnx_generator_matches_torch_greedy(tiny_lora, tmp_path):
     """Greedy text from onnxruntime equals torch's for the same merged model, across a KV-reusing second turn."""
     from export.onnx import export_onnx
-
     from mmhops_lite.backends.onnx_backend import OnnxGenerator
     from mmhops_lite.backends.torch_backend import TorchGenerator
 
@@ -192,7 +189,6 @@ def test_onnx_generator_matches_torch_greedy(tiny_lora, tmp_path):
 
 def test_unknown_onnx_quant_is_a_clear_error(tiny_lora, tmp_path):
     from export.writer import export_bundle
-
     from mmhops_lite.errors import InputError
 
     with pytest.raises(InputError, match="fp32, int8"):
@@ -249,7 +245,6 @@ def test_a_new_export_format_is_one_function_and_one_table_entry(tiny_lora, tmp_
     """Register a format (an F32 GGUF, no quantization) and export with it through the api and the CLI's name."""
     from export import formats
     from export.formats import FORMATS, Format
-
     from mmhops_lite import api
     from mmhops_lite.config import Config
     from mmhops_lite.convert import hf_to_gguf

@@ -7,10 +7,10 @@ from conftest import PROSE
 
 from mmhops_lite.data import templates
 from mmhops_lite.data.facts import TitleIndex, mine, type_word
+from mmhops_lite.data.gold import gold_turns
 from mmhops_lite.data.questions import load_questions
 from mmhops_lite.data.synth import synthesize
 from mmhops_lite.scoring import normalize, numbers
-from mmhops_lite.data.gold import gold_turns
 
 
 def _all(out):

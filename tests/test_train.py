@@ -113,13 +113,13 @@ def test_sft_changes_only_lora_and_resumes_exactly(world, tiny_hf, tmp_path):
 
 
 def grpo_run(world, out, tiny_hf, steps, monkeypatch):
-    from mmhops_lite.train import grpo_run as rl
-    from mmhops_lite.train.settings import GRPOConfig
-
     # A random tiny model never answers, so every real reward is 0 and no group would train: score rollouts by
     # what they wrote instead (a stable function of the sampled text), to exercise the update path; the real
     # rewards are tested on their own.
     import zlib
+
+    from mmhops_lite.train import grpo_run as rl
+    from mmhops_lite.train.settings import GRPOConfig
 
     monkeypatch.setattr(rl, "total_reward", lambda tr, q, w: {
         "total": float(zlib.crc32(tr.transcript.encode()) % 5), "outcome": 0.0, "format": 0.0, "action": 0.0,
@@ -238,8 +238,8 @@ def test_in_process_gguf_lora_equals_the_converter(family, tmp_path):
     from gguf import GGUFReader
     from tiny_models import make_tiny_hf, save_gguf_tokenizer
 
-    from mmhops_lite.registry import resolve
     from mmhops_lite.convert import adapter_to_gguf, lora_to_gguf
+    from mmhops_lite.registry import resolve
     from mmhops_lite.train.policy import load_for_training, save_adapter
 
     tok = save_gguf_tokenizer(tmp_path / "tok", resolve("smollm2-135m-instruct"))
@@ -266,9 +266,14 @@ def test_fast_update_equals_the_full_logits_reference(tiny_hf):
     reference losses and LoRA gradients of per-rollout full-logit forwards; bf16 autocast stays close."""
     import torch
 
+    from mmhops_lite.train.grpo_loss import (
+        group_backward,
+        policy_logprobs,
+        policy_targets,
+        shared_start,
+        token_logprobs,
+    )
     from mmhops_lite.train.settings import GRPOConfig
-    from mmhops_lite.train.grpo_loss import (group_backward, policy_logprobs, policy_targets, shared_start,
-                                        token_logprobs)
 
     net, tok, _, _ = load_for_training(str(tiny_hf), LoraSpec(r=4, alpha=8), threads=1, seed=0)
     with torch.no_grad():

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import Config
+from ..convert import adapter_to_gguf
 from ..data.questions import load_questions
 from ..errors import InputError
 from ..paths import free_cores
@@ -16,9 +17,8 @@ from ..rewards import Weights
 from ..safeio import atomic_write
 from .distributed import Dist
 from .episodes import TokenizedEpisode
-from ..convert import adapter_to_gguf
-from .policy import load_for_training, save_adapter
 from .grpo_run import plot_curves, run_grpo
+from .policy import load_for_training, save_adapter
 from .settings import GRPOConfig, LoraSpec, SFTConfig, check_choices
 from .sft import GoldReport, build_gold_set, rejection_episodes, run_sft, with_paths
 

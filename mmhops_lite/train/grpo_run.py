@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..config import Config
+from ..convert import adapter_to_gguf, lora_to_gguf
 from ..errors import require
 from ..loop import answer, answer_many, perceive
 from ..rewards import Weights, part_names, total_reward
@@ -17,7 +18,6 @@ from .distributed import Dist
 from .episodes import tokenize_episode
 from .grpo_loss import advantages, group_backward, question_order
 from .merged_gguf import MergedGGUF
-from ..convert import adapter_to_gguf, lora_to_gguf
 from .policy import save_adapter
 from .settings import GRPOConfig
 

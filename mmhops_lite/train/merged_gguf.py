@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import require
 from ..backends.merged import write_merged
 from ..convert import GGUFLayout
+from ..errors import require
 
 
 def lora_deltas(net, layout: GGUFLayout) -> dict:

@@ -7,9 +7,9 @@ import os
 import shutil
 from pathlib import Path
 
+from ..convert import base_folder
 from ..errors import ModelNotFound, require
 from ..paths import free_cores
-from ..convert import base_folder
 from ..safeio import temp_name
 from .settings import LoraSpec
 

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..config import Config
+from ..data.gold import gold_episode, gold_turns
 from ..errors import InputError, require
 from ..loop import perceive
 from ..types import Question
 from .checkpoint import load_checkpoint, save_checkpoint, trim_log
 from .distributed import Dist
-from ..data.gold import gold_episode, gold_turns
 from .episodes import TokenizedEpisode, tokenize_episode
 from .grpo_loss import policy_logprobs, update_bf16
 from .settings import SFTConfig
