@@ -296,7 +296,7 @@ def ask(
     cfg = _run(_cfg, **{"model.policy": model, "model.backend": backend, "loop.max_turns": max_turns,
                         "model.adapter": adapter,
                         "encoders.ocr": False if no_ocr else None})
-    tr = _run(api.ask, images, question, cfg, index, on_event=None if as_json else _render_event,
+    tr = _run(api.ask, images, question, cfg, index=index, on_event=None if as_json else _render_event,
               progress=not as_json)
     if as_json:
         print(json.dumps(tr.to_dict(), ensure_ascii=False, indent=2))
@@ -343,7 +343,7 @@ def eval_cmd(
             bar.update(task, advance=1, acc=f"{state['ok'] / state['n']:.3f}")
             line(f"eval {state['n']} questions, accuracy {state['ok'] / state['n']:.3f}")
 
-        res = _run(api.run_eval, questions, cfg, mode, index, out, limit, on_result=tick)
+        res = _run(api.run_eval, questions, cfg, mode, index=index, out_dir=out, limit=limit, on_result=tick)
     if as_json:
         print(json.dumps({k: v for k, v in res.items() if k != "records"}, indent=2))
         return
@@ -445,7 +445,7 @@ def train_cmd(
                 bar.console.print(f"rejection sampling: the starting policy answers {p['questions']} questions "
                                   "without a trajectory", highlight=False)
 
-        res = _run(api.train_policy, questions, cfg, out, index, model=model, sft=sft, reward=reward,
+        res = _run(api.train_policy, questions, cfg, out, index=index, model=model, sft=sft, reward=reward,
                    on_event=on_event, **options)
     if res.get("rank", 0):  # data parallel: the first process reports
         return
