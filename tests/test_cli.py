@@ -87,7 +87,7 @@ def test_train_options_come_from_the_settings_and_reach_the_api(monkeypatch, tmp
     assert r.exit_code == 0, r.output
     kw = seen["kw"]
     assert kw["sft"] is False and kw["reward"] == "action=0.5" and kw["grpo_lr"] == 1e-5 and kw["seed"] == 3
-    built = settings_from({k: v for k, v in kw.items() if k not in ("model", "sft", "reward", "on_event")})
+    built = settings_from({k: v for k, v in kw.items() if k not in ("index", "model", "sft", "reward", "on_event")})
     defaults = settings_from({})
     assert built["grpo"].lr == 1e-5 and built["grpo"].seed == built["sft"].seed == 3
     assert built["grpo"].steps == defaults["grpo"].steps and built["lora"] == defaults["lora"]
