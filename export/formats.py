@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
+from mmhops_lite.errors import InputError
+
 from .gguf import build_gguf, build_gguf_adapter
 from .onnx import build_onnx
 
@@ -22,7 +24,7 @@ class Job:
     adapter: str | None
     quant: str
     work: Path
-    say: Callable[[str], None] = print
+    say: Callable[[str], None] = lambda msg: None
     _merged: Path | None = field(default=None, repr=False)
 
     def merged(self) -> Path:
@@ -52,3 +54,14 @@ FORMATS: dict[str, Format] = {
     "onnx": Format(build_onnx, "onnx", {"fp32": 0.98, "int8": 0.95}, "int8",
                    "merged policy for onnxruntime (decoder with KV cache), 8-bit block weights by default"),
 }
+
+
+def choose(fmt: str, quant: str | None) -> tuple[Format, str]:
+    """The format's entry and the quantization to use (its default when None), or InputError naming the choices."""
+    if fmt not in FORMATS:
+        raise InputError(f"unknown export format '{fmt}'", fix=f"use one of: {', '.join(FORMATS)}")
+    spec = FORMATS[fmt]
+    quant = quant or spec.default_quant
+    if quant not in spec.gates:
+        raise InputError(f"unknown {fmt} quantization '{quant}'", fix=f"use one of: {', '.join(spec.gates)}")
+    return spec, quant

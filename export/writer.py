@@ -27,7 +27,7 @@ from mmhops_lite.errors import CorruptFile, InputError, ParityFailed
 from mmhops_lite.paths import sha256
 from mmhops_lite.safeio import atomic_json, remove_tree, swap_dirs
 
-from .formats import FORMATS, Job
+from .formats import Job, choose
 
 
 def parity_prompts(n: int = 50, questions: str | Path | None = None, index=None, count_tokens=None,
@@ -110,12 +110,7 @@ def export_bundle(fmt: str, base: str, adapter: str | None, out: Path, quant: st
     from mmhops_lite.convert import base_folder
 
     say = progress or (lambda msg: None)
-    if fmt not in FORMATS:
-        raise InputError(f"unknown export format '{fmt}'", fix=f"use one of: {', '.join(FORMATS)}")
-    spec = FORMATS[fmt]
-    quant = quant or spec.default_quant
-    if quant not in spec.gates:
-        raise InputError(f"unknown {fmt} quantization '{quant}'", fix=f"use one of: {', '.join(spec.gates)}")
+    spec, quant = choose(fmt, quant)
     t0 = time.perf_counter()
     base_dir, base_gguf = base_folder(base)
     out = Path(out)

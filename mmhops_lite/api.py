@@ -319,13 +319,12 @@ def export_policy(fmt: str, out: str | Path, cfg: Config, *, model: str | None =
     or `none`) as a verified bundle in format `fmt` (see export_formats()); returns the bundle manifest."""
     from contextlib import nullcontext
 
-    from export.formats import FORMATS
+    from export.formats import choose
     from export.writer import export_bundle
 
     from .registry import choose_adapter
 
-    if fmt not in FORMATS:  # before any model or index is opened
-        raise InputError(f"unknown export format '{fmt}'", fix=f"use one of: {', '.join(FORMATS)}")
+    choose(fmt, quant)  # an unknown format or quantization is refused before any model or index is opened
     base = model or cfg.model.policy
     chosen = choose_adapter(base, adapter)
     qfile, ipath = _parity_sources(questions, index)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import require
 from .episodes import TokenizedEpisode
-from .settings import GRPOConfig
+from .settings import DTYPES, GRPOConfig
 
 
 def advantages(rewards: list[float], kind: str) -> list[float]:
@@ -70,8 +70,8 @@ def native_bf16() -> bool:
 
 def update_bf16(dtype: str) -> bool:
     """Whether an update (GRPO or SFT) with this `update_dtype` runs its body under bf16 autocast."""
-    if dtype not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"update dtype {dtype!r}: use auto, bf16 or fp32")
+    if dtype not in DTYPES:
+        raise ValueError(f"update dtype {dtype!r}: use {', '.join(DTYPES)}")
     return dtype == "bf16" or (dtype == "auto" and native_bf16())
 
 

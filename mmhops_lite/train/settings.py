@@ -141,9 +141,9 @@ def settings_from(options: dict) -> dict:
     for name, value in options.items():
         if name not in table:
             raise InputError(f"unknown training option {name!r}", fix=f"known: {', '.join(sorted(table))}")
-        opt = table[name]
-        if opt.choices and value not in opt.choices:
-            raise InputError(f"{opt.flag} {value!r} is not an option", fix=f"use one of: {', '.join(opt.choices)}")
-        for section, fname in opt.targets:
+        for section, fname in table[name].targets:
             values[section][fname] = value
-    return {section: cls(**values[section]) for section, cls in SECTIONS.items()}
+    built = {section: cls(**values[section]) for section, cls in SECTIONS.items()}
+    for settings in built.values():
+        check_choices(settings)
+    return built
