@@ -220,6 +220,44 @@ def kb_demo(out: Path = typer.Option(..., "-o", "--out", help="Folder to write t
     console.print(f"[green]demo KB written[/green] to {out}: {man.get('counts')}")
 
 
+@kb_app.command("import")
+def kb_import(
+    out: Path = typer.Option(..., "-o", "--out", help="KB folder to write (created; an interrupted import resumes)."),
+    passages: Optional[Path] = typer.Option(None, "--passages", help='Passage JSON lines: {"id", "contents"} with '
+                                                                     'the title on the first line of contents.'),
+    images: Optional[Path] = typer.Option(None, "--images", help='Image records: {"id" or "entity_id", "title", '
+                                                                 '"image_path"}.'),
+    image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder that relative image_path values "
+                                                                         "start from (default: the images file's)."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip malformed lines (listed in import.json) instead "
+                                                            "of stopping at the first."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress lines."),
+):
+    """Import an MMhops-KB or Search-R1 shaped corpus as a KB folder, streamed (any size) and resumable.
+
+    A malformed line stops the import with its file:line; fix it and run the same command again to go on.
+
+    [bold]Example[/bold]:
+      mmhops-lite kb import --passages wiki.jsonl --images kb_images.jsonl --image-root imgs/ -o ~/kb
+      mmhops-lite index build ~/kb -o ~/kb-index
+    """
+    tick = _Ticker(every=0 if err.is_terminal else 10)
+
+    def progress(kind, done, total, rows):
+        if not quiet:
+            text = f"{kind}: {rows:,} rows, {done / max(total, 1):.0%} of {total / 2**20:,.1f} MB"
+            if err.is_terminal:
+                err.print(f"[dim]{text}[/dim]", highlight=False)
+            else:
+                tick(text, force=done >= total)
+
+    rep = _run(api.import_kb, out, passages, images, image_root=image_root, skip_bad=skip_bad, progress=progress)
+    for kind, r in rep["files"].items():
+        console.print(f"[green]{kind}[/green] {r['rows']:,} rows" + (f", [yellow]{r['skipped']:,} malformed lines "
+                      f"skipped[/yellow] (listed in {out / 'import.json'})" if r["skipped"] else ""))
+    console.print(f"KB ready: {out}\nnext: mmhops-lite index build {out} -o INDEX_DIR")
+
+
 @app.command("demo")
 def demo(quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
          as_json: bool = typer.Option(False, "--json", help="Print the trace as JSON.")):
@@ -306,6 +344,47 @@ def ask(
     console.print(f"[dim]{len(tr.hops)} turns, {tr.tokens['evaluated']} tokens evaluated, {tr.tokens['generated']} "
                   f"generated; loop {t['total_s']:.2f}s, perception {t.get('perception_s', 0):.2f}s, "
                   f"model load {t.get('model_load_s', 0):.2f}s[/dim]")
+
+
+@app.command("serve")
+def serve(
+    index: Optional[Path] = typer.Argument(None, help="Index folder (default: paths.index from config, else the demo "
+                                                      "index, built on first use)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on. Loopback by default; 0.0.0.0 "
+                                                         "exposes the index to your network."),
+    port: int = typer.Option(8000, "--port", help="TCP port.", min=1, max=65535),
+    allow_local_paths: bool = typer.Option(False, "--allow-local-paths",
+                                           help="Let /image_search read image_paths from this machine's disk "
+                                                "(refused by default: any client could probe your files)."),
+    no_ask: bool = typer.Option(False, "--no-ask", help="Retrieval only: no policy is loaded and /ask answers 501."),
+    preload: bool = typer.Option(False, "--preload", help="Load the policy at start-up, not on the first /ask."),
+    model: Optional[str] = typer.Option(None, "--model", help="Policy for /ask (as for ask)."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="LoRA adapter for /ask (as for ask)."),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn's log level: warning, info, debug."),
+):
+    """Serve an index over HTTP in the MMhops-R1 / Search-R1 retrieval API, plus /ask, until Ctrl-C.
+
+    [bold]Endpoints[/bold]
+
+      POST /retrieve      {"queries": [...], "topk": 3, "return_scores": true}
+
+      POST /image_search  {"image_base64": "data:image/png;base64,...", "topk": 5}  (or "image_paths" with
+                          --allow-local-paths; a list of either searches a batch)
+
+      POST /ask           multipart form: question=..., images=@photo.jpg, stream=true for one JSON line per hop
+
+      GET  /health        the encoder, its dimension and the entry counts
+
+    [bold]Examples[/bold]:
+      mmhops-lite serve ~/kb-index --port 8000
+      curl -s localhost:8000/retrieve -d '{"queries": ["Eiffel Tower architect"], "topk": 3, "return_scores": true}'
+      curl -s localhost:8000/ask -F question="What is the capital of this country?" -F images=@flag.png
+    """
+    cfg = _run(_cfg, **{"model.policy": model, "model.adapter": adapter})
+    err.print(f"[dim]serving {'the demo index' if index is None else index} on http://{host}:{port} "
+              f"(API docs at /docs; Ctrl-C stops)[/dim]")
+    _run(api.serve, index, cfg, host=host, port=port, allow_local_paths=allow_local_paths, ask=not no_ask,
+         preload=preload, log_level=log_level)
 
 
 @app.command("eval")

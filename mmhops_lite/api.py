@@ -38,9 +38,11 @@ def build_index(kb_dir: str | Path, out: str | Path, cfg: Config, *, prune: bool
                 cfg.index, prune=prune, progress=progress, reencode=reencode)
 
 
-def open_index(path: str | Path, cfg: Config, verify_checksums: bool = True) -> MultimodalIndex:
-    """Open and verify an index with the configured encoders."""
-    return MultimodalIndex(path, text_encoder(cfg), image_encoder(cfg), cfg.index, cfg.search, verify=verify_checksums)
+def open_index(path: str | Path, cfg: Config, verify_checksums: bool = True, shared: bool = False) -> MultimodalIndex:
+    """Open and verify an index with the configured encoders (`shared`: searched from several threads, one at a
+    time)."""
+    return MultimodalIndex(path, text_encoder(cfg), image_encoder(cfg), cfg.index, cfg.search, verify=verify_checksums,
+                           shared=shared)
 
 
 def search(path: str | Path, cfg: Config, text: str | None = None, image: str | Path | None = None, k: int = 5):
@@ -154,7 +156,6 @@ def ask(images: list[str | Path], question: str, cfg: Config, index: str | Path 
 
     from .grammar import check_question
     from .index.kb import check_image
-    from .loop import answer, perceive
 
     question = check_question(question)
     for p in images:
@@ -165,27 +166,71 @@ def ask(images: list[str | Path], question: str, cfg: Config, index: str | Path 
     t0 = time.perf_counter()
     if gen is None:
         gen = generator(cfg)
-        if hasattr(gen, "prime"):  # the system prompt's KV cache, from disk after the first run
-            from .grammar import system_prefix
-
-            gen.prime(system_prefix(gen.render))
     t_load = time.perf_counter() - t0
     t_open = time.perf_counter()
     with open_index(idx_path, cfg) as idx:
-        t1 = time.perf_counter()
-        t_open = t1 - t_open
-        perc = perceive(images, idx.image_encoder, ocr=cfg.encoders.ocr)
-        t_perc = time.perf_counter() - t1
-        if on_event:
-            on_event("perception", perc)
-        tr = answer(question, gen, idx, cfg, perc, on_event=on_event)
+        t_open = time.perf_counter() - t_open
+        tr = ask_with(images, question, cfg, idx, gen, on_event=on_event)
     from dataclasses import replace
 
+    return replace(tr, timings={**tr.timings, "model_load_s": round(t_load + tr.timings.get("model_load_s", 0), 3),
+                                "index_open_s": round(t_open, 3)})
+
+
+def ask_with(images: list[str | Path], question: str, cfg: Config, idx, gen, *, on_event=None):
+    """`ask` with an open index and a loaded generator (a server keeps both across questions); the question and
+    images are checked by the caller. Returns the Trace."""
+    import time
+    from dataclasses import replace
+
+    from .loop import answer, perceive
+
+    t0 = time.perf_counter()
+    if hasattr(gen, "prime"):  # the system prompt's KV cache, from disk after the first run (a no-op once primed)
+        from .grammar import system_prefix
+
+        gen.prime(system_prefix(gen.render))
+    t_prime = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    perc = perceive(images, idx.image_encoder, ocr=cfg.encoders.ocr)
+    t_perc = time.perf_counter() - t1
+    if on_event:
+        on_event("perception", perc)
+    tr = answer(question, gen, idx, cfg, perc, on_event=on_event)
     return replace(tr, images=tuple(str(p) for p in images),
-                   timings={**tr.timings, "model_load_s": round(t_load, 3), "index_open_s": round(t_open, 3),
-                            "perception_s": round(t_perc, 3)},
+                   timings={**tr.timings, "model_load_s": round(t_prime, 3), "perception_s": round(t_perc, 3)},
                    models={**tr.models, "text_encoder": cfg.encoders.text_model,
                            "image_encoder": cfg.encoders.image_model, "backend": cfg.model.backend})
+
+
+def serve_service(index: str | Path | None, cfg: Config, *, allow_local_paths: bool = False, ask: bool = True,
+                  progress: bool = True):
+    """The server's state: the index (given, configured, or the demo one) opened once, and the policy loaded on the
+    first /ask (`ask=False`: /ask answers 501). See mmhops_lite.serve."""
+    from .serve import Service
+
+    idx = open_index(resolve_index(cfg, index, progress), cfg, shared=True)
+    return Service(idx, cfg, allow_local_paths=allow_local_paths, make_generator=(lambda: generator(cfg)) if ask else None)
+
+
+def serve(index: str | Path | None, cfg: Config, *, host: str = "127.0.0.1", port: int = 8000,
+          allow_local_paths: bool = False, ask: bool = True, preload: bool = False, log_level: str = "info") -> None:
+    """Run the retrieval + ask server until interrupted (uvicorn; loopback unless `host` says otherwise)."""
+    from .errors import MissingDependency
+    from .serve import make_app
+
+    try:
+        import uvicorn
+    except ImportError as exc:
+        raise MissingDependency("the server needs fastapi and uvicorn", fix="pip install 'mmhops-lite[serve]'") from exc
+    service = serve_service(index, cfg, allow_local_paths=allow_local_paths, ask=ask)
+    try:
+        if preload and ask:
+            service.preload()
+        uvicorn.run(make_app(service), host=host, port=port, log_level=log_level, limit_concurrency=64,
+                    timeout_keep_alive=5)
+    finally:
+        service.close()
 
 
 def run_eval(questions_file: str | Path, cfg: Config, mode: str, index: str | Path | None = None,
@@ -351,6 +396,15 @@ def build_demo_kb(out: str | Path, progress: bool = True) -> dict:
     from .data.demo_kb import build_demo_kb as build
 
     return build(out, progress=progress)
+
+
+def import_kb(out: str | Path, passages: str | Path | None = None, images: str | Path | None = None, *,
+              image_root: str | Path | None = None, skip_bad: bool = False, progress=None) -> dict:
+    """Write a KB folder from MMhops-KB / Search-R1 shaped JSON lines (streamed, resumable); returns the report.
+    See mmhops_lite.data.kb_import."""
+    from .data.kb_import import import_kb as run
+
+    return run(out, passages, images, image_root=image_root, skip_bad=skip_bad, progress=progress)
 
 
 def shipped_adapters() -> list[tuple[str, Path]]:

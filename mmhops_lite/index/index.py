@@ -77,8 +77,11 @@ class MultimodalIndex:
     """Open (and verify) an index folder, search it, or change it under the writer lock."""
 
     def __init__(self, root: str | Path, text_encoder: Encoder | None = None, image_encoder: Encoder | None = None,
-                 cfg: IndexConfig | None = None, search_cfg: SearchConfig | None = None, verify: bool = True):
+                 cfg: IndexConfig | None = None, search_cfg: SearchConfig | None = None, verify: bool = True,
+                 shared: bool = False):
+        """`shared`: searches may come from several threads, one at a time (a server holds a lock around them)."""
         self.root = Path(root)
+        self.shared = shared
         self.cfg = cfg or IndexConfig()
         self.search_cfg = search_cfg or SearchConfig()
         self.text_encoder, self.image_encoder = text_encoder, image_encoder
@@ -106,7 +109,7 @@ class MultimodalIndex:
         store = None
         try:
             self.manifest = self._check(verify)
-            store = Store(self.root / STORE, readonly=True)
+            store = Store(self.root / STORE, readonly=True, shared=self.shared)
             vectors: dict[str, VectorIndex] = {}
             for kind in ("passages", "images"):
                 entry = self.manifest["files"].get(kind)
@@ -186,11 +189,20 @@ class MultimodalIndex:
 
         The third ranking links the query to entities: passages whose title the query names word for word
         (longest names first), since multi-hop queries carry the entity found in the previous hop."""
+        return self.search_texts([query], k)[0]
+
+    def search_texts(self, queries: list[str], k: int | None = None) -> list[list[PassageHit]]:
+        """`search_text` for several queries, their embeddings computed in one batch; same hits, in order."""
         k = k or self.search_cfg.top_k
+        dense_on = "passages" in self.vectors and self.text_encoder is not None
+        vecs = self.text_encoder.encode(list(queries)) if dense_on and queries else None
+        return [self._search_text(q, k, vecs[i] if vecs is not None else None) for i, q in enumerate(queries)]
+
+    def _search_text(self, query: str, k: int, vec) -> list[PassageHit]:
         n = self.search_cfg.candidates
         dense: list[tuple[int, float]] = []
-        if "passages" in self.vectors and self.text_encoder is not None:
-            dense = self.vectors["passages"].query(self.text_encoder.encode([query])[0], max(n, k))
+        if vec is not None:
+            dense = self.vectors["passages"].query(vec, max(n, k))
         bm25 = self.store.bm25(query, max(n, k)) if self.search_cfg.hybrid or not dense else []
         fused: dict[int, float] = {}
         rrf = self.search_cfg.rrf_k
@@ -211,16 +223,23 @@ class MultimodalIndex:
 
     def search_image(self, image, k: int | None = None) -> list[Entity]:
         """Entities whose KB images look most like the query image (path, PIL image or embedding)."""
+        return self.search_images([image], k)[0]
+
+    def search_images(self, images: list, k: int | None = None) -> list[list[Entity]]:
+        """`search_image` for several images (paths, PIL images or embeddings), encoded in one batch."""
         k = k or self.search_cfg.top_k
         if "images" not in self.vectors:
-            return []
-        if isinstance(image, np.ndarray):
-            vec = image
-        else:
+            return [[] for _ in images]
+        todo = [i for i, im in enumerate(images) if not isinstance(im, np.ndarray)]
+        vecs = list(images)
+        if todo:
             if self.image_encoder is None:
                 raise InputError("this index was opened without an image encoder", fix="pass image_encoder=")
-            vec = self.image_encoder.encode([image])[0]
-        hits = self.vectors["images"].query(vec, k)
+            for i, v in zip(todo, self.image_encoder.encode([images[i] for i in todo])):
+                vecs[i] = v
+        return [self._entities(self.vectors["images"].query(v, k)) for v in vecs]
+
+    def _entities(self, hits: list[tuple[int, float]]) -> list[Entity]:
         rows = self.store.images_by_label([lab for lab, _ in hits])
         out = []
         for lab, sim in hits:

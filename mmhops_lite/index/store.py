@@ -38,14 +38,15 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 class Store:
     """Thin wrapper over the index's SQLite file (WAL, one transaction per batch)."""
 
-    def __init__(self, path: Path, readonly: bool = False):
+    def __init__(self, path: Path, readonly: bool = False, shared: bool = False):
+        """`shared`: the connection may be used from several threads (the caller serialises the calls)."""
         self.path = path
         if Path(path).is_symlink():
             raise IndexCorrupt(f"{path} is a symbolic link; an index keeps its own store", path=path,
                                fix="rebuild the index in a new folder: mmhops-lite index build KB_DIR -o DIR")
         try:
             if readonly:
-                self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+                self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=not shared)
             else:
                 self.db = sqlite3.connect(path)
                 self.db.execute("PRAGMA journal_mode=WAL")
