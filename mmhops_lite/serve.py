@@ -243,7 +243,12 @@ class Service:
         if self._gen is None:
             if self._make_generator is None:
                 raise Refused(501, "this server was started without a policy (--no-ask)")
-            self._gen = self._make_generator()
+            gen = self._make_generator()
+            if hasattr(gen, "prime"):  # the system prompt's KV cache: loaded once here, reused by every ask
+                from .grammar import system_prefix
+
+                gen.prime(system_prefix(gen.render))
+            self._gen = gen
         return self._gen
 
     def _ask(self, paths, question, on_event):

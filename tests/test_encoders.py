@@ -318,3 +318,30 @@ def test_index_views_embedding(image_pair):
     # The mean of the views stays close to the whole-image embedding it includes, and closest to its own image.
     sims = idx_vecs @ q_vecs.T
     assert (np.argmax(sims, axis=1) == np.arange(3)).all() and sims.diagonal().min() > 0.8
+
+
+def test_encoder_providers_follow_the_installed_onnxruntime(monkeypatch):
+    from mmhops_lite.encoders.base import providers
+    from mmhops_lite.errors import ConfigError
+
+    class CpuOnly:
+        @staticmethod
+        def get_available_providers():
+            return ["CPUExecutionProvider"]
+
+    class WithCuda:
+        @staticmethod
+        def get_available_providers():
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    monkeypatch.delenv("MMHOPS_ENCODERS_DEVICE", raising=False)
+    assert providers(CpuOnly) == ["CPUExecutionProvider"]
+    assert providers(WithCuda) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setenv("MMHOPS_ENCODERS_DEVICE", "cpu")
+    assert providers(WithCuda) == ["CPUExecutionProvider"]
+    monkeypatch.setenv("MMHOPS_ENCODERS_DEVICE", "cuda")
+    with pytest.raises(ConfigError, match="no CUDA provider"):
+        providers(CpuOnly)
+    monkeypatch.setenv("MMHOPS_ENCODERS_DEVICE", "tpu")
+    with pytest.raises(ConfigError, match="auto, cpu or cuda"):
+        providers(CpuOnly)

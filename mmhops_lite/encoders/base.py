@@ -78,8 +78,25 @@ def torch_threads():
     return torch
 
 
+def providers(ort) -> list[str]:
+    """onnxruntime providers for the encoders: CUDA first where the installed onnxruntime has it (the
+    onnxruntime-gpu package on a CUDA machine) unless MMHOPS_ENCODERS_DEVICE=cpu; the CPU otherwise (the default
+    and tested path: the plain onnxruntime package has no CUDA provider)."""
+    want = os.environ.get("MMHOPS_ENCODERS_DEVICE", "auto").lower()
+    if want not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"MMHOPS_ENCODERS_DEVICE is '{want}'", fix="set it to auto, cpu or cuda")
+    have = ort.get_available_providers()
+    if want == "cuda" and "CUDAExecutionProvider" not in have:
+        raise ConfigError("MMHOPS_ENCODERS_DEVICE=cuda, but this onnxruntime has no CUDA provider",
+                          fix="pip install onnxruntime-gpu (in place of onnxruntime) on a CUDA machine, or unset it")
+    if want != "cpu" and "CUDAExecutionProvider" in have:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
 def ort_session(path: Path):
-    """An onnxruntime CPU session with full graph optimisation and threads from free_cores()."""
+    """An onnxruntime session (CPU unless a CUDA provider is installed: see providers()) with full graph
+    optimisation and CPU threads from free_cores()."""
     ort = require("onnxruntime", "all")
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -87,7 +104,7 @@ def ort_session(path: Path):
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3  # the NCHWc/fusion notices are noise for users
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), sess_options=so, providers=providers(ort))
 
 
 # ---------------------------------------------------------------- stamped ONNX cache

@@ -69,7 +69,8 @@ def sync(root: str | Path, kb: KnowledgeBase, text_encoder: Encoder | None, imag
             store.commit()
             jobs = (("passages", kb.passages, text_encoder,
                      lambda p: content_hash(p.title, p.text, p.source), store.put_passages,
-                     lambda chunk: text_encoder.encode([passage_text(p) for p, _ in chunk], batch_size=64)),
+                     lambda chunk: text_encoder.encode([passage_text(p) for p, _ in chunk],
+                                                       batch_size=cfg.encode_batch)),
                     ("images", kb.images, image_encoder,
                      lambda im: content_hash(im.title, im.caption, im.path, _file_hash(kb.image_path(im))),
                      store.put_images,
@@ -81,6 +82,10 @@ def sync(root: str | Path, kb: KnowledgeBase, text_encoder: Encoder | None, imag
                     h = hasher(r)
                     if have.get(r.id) != h:
                         todo.append((r, h))
+                if kind == "passages" and cfg.sort_by_length:
+                    # Batches of like lengths: each is padded to its longest row, so file order wastes most of
+                    # the encoder's work on padding. Character length is a free stand-in for token count.
+                    todo.sort(key=lambda rh: len(rh[0].title) + len(rh[0].text))
                 gone = set(have) - {r.id for r in records} if prune else set()
                 if gone:
                     store.delete(kind, gone)
