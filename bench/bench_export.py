@@ -83,12 +83,12 @@ def policy_size(kind: str, path: Path | None) -> int:
     return sum(v["size"] for k, v in man["files"].items() if not k.startswith("vision/"))
 
 
-def ensure_bundles(root: Path) -> None:
+def ensure_bundles(root: Path, rows: list) -> None:
     from mmhops_lite import api
     from mmhops_lite.config import Config
 
     cfg = Config.resolve()
-    for _, kind, name in ROWS:
+    for _, kind, name in rows:
         if name is None or (root / name / "manifest.json").is_file():
             continue
         fmt, quant = name.split("-", 1)
@@ -104,15 +104,23 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gen-tokens", type=int, default=64)
+    ap.add_argument("--rows", help="comma-separated row names to run (default: all), e.g. 'GGUF Q8_0,ONNX int8'")
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     threads = args.threads or free_cores()
     if args.worker:
         print(json.dumps(worker(args.worker[0], args.worker[1], threads, args.repeats, args.gen_tokens)))
         return
-    ensure_bundles(args.bundles)
+    chosen = ROWS
+    if args.rows:
+        want = [x.strip() for x in args.rows.split(",") if x.strip()]
+        unknown = [w for w in want if w not in {r[0] for r in ROWS}]
+        if unknown:
+            ap.error(f"unknown row(s) {unknown}; known: {', '.join(r[0] for r in ROWS)}")
+        chosen = [r for r in ROWS if r[0] in want]
+    ensure_bundles(args.bundles, chosen)
     rows = []
-    for label, kind, name in ROWS:
+    for label, kind, name in chosen:
         path = args.bundles / name if name else None
         cmd = [sys.executable, __file__, "--threads", str(threads), "--repeats", str(args.repeats),
                "--gen-tokens", str(args.gen_tokens), "--worker", kind, str(path)]

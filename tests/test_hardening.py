@@ -398,3 +398,40 @@ def test_error_classes_name_what_failed():
 
     assert issubclass(IndexCorrupt, CorruptFile) and not issubclass(CorruptFile, IndexCorrupt)
     assert all(issubclass(c, MmhopsError) for c in (ParityFailed, WriteFailed, CorruptFile))
+
+
+def test_forged_upper_level_links_are_refused(tmp_path):
+    """The upper-level link lists (elements above level 0) are bound-checked too: ids, counts and lengths."""
+    import numpy as np
+
+    from mmhops_lite.index.graphfile import HEADER, check_graph, read_header
+    from mmhops_lite.index.vectors import VectorIndex
+
+    rng = np.random.default_rng(0)
+    vi = VectorIndex(8, M=8, ef_construction=40)
+    vi.add(np.arange(3000), rng.standard_normal((3000, 8)).astype(np.float32))
+    path = tmp_path / "g.hnsw"
+    vi.save(path)
+    assert check_graph(path, 8, 8, 3000)["max_level"] >= 1
+    h = read_header(path)
+    good = path.read_bytes()
+    pos = HEADER.size + h["count"] * h["size_per_element"]
+    while struct.unpack_from("<I", good, pos)[0] == 0:  # the first element with upper levels
+        pos += 4
+    length = struct.unpack_from("<I", good, pos)[0]
+    first_list = pos + 4  # level 1: a count word, then M ids
+
+    def forged(offset: int, value: int) -> Path:
+        data = bytearray(good)
+        struct.pack_into("<I", data, offset, value)
+        path.write_bytes(bytes(data))
+        return path
+
+    with pytest.raises(IndexCorrupt, match="links past the last element"):
+        check_graph(forged(first_list + 4, 3000), 8, 8, 3000)  # count >= 1, so its first id is read
+    with pytest.raises(IndexCorrupt, match="longer than M"):
+        check_graph(forged(first_list, 9), 8, 8, 3000)
+    with pytest.raises(IndexCorrupt, match="upper link list of"):
+        check_graph(forged(pos, length + 4), 8, 8, 3000)
+    path.write_bytes(good)
+    assert check_graph(path, 8, 8, 3000)["count"] == 3000

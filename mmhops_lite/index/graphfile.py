@@ -86,29 +86,40 @@ def check_graph(path: str | Path, dim: int, M: int, elements: int | None = None)
 def _check_upper(path: Path, mm, start: int, n: int, M: int, max_level: int, size: int) -> int:
     """Walk the per-element upper-level link lists; returns the highest level seen."""
     per_level = (M + 1) * 4
-    tail = bytes(mm[start:])
-    end = len(tail)
-    u32 = struct.Struct("<I").unpack_from
+    if (size - start) % 4:
+        raise _bad(path, "the link lists do not end on a 4-byte boundary (truncated?)")
+    words = np.frombuffer(mm, dtype="<u4", offset=start)
+    seq = words.tolist()  # the walk below is sequential (each length says where the next one is): plain ints
+    end = len(seq)
+    blocks: list[tuple[int, int, int]] = []  # (element, first word, levels) of every non-empty upper list
     top, pos = 0, 0
     for i in range(n):
-        if pos + 4 > end:
+        if pos >= end:
             raise _bad(path, f"truncated inside the link lists of element {i}")
-        (length,) = u32(tail, pos)
-        pos += 4
+        length = seq[pos]
+        pos += 1
         if not length:
             continue
         levels, rest = divmod(length, per_level)
-        if rest or levels > max_level or pos + length > end:
+        if rest or levels > max_level or pos + length // 4 > end:
             raise _bad(path, f"element {i} has an upper link list of {length} bytes")
-        words = np.frombuffer(tail, dtype="<u4", count=length // 4, offset=pos).reshape(levels, M + 1)
-        counts = words[:, 0] & 0xFFFF
-        if int(counts.max()) > M:
-            raise _bad(path, f"element {i} has an upper link list longer than M")
-        used = np.arange(M)[None, :] < counts[:, None]
-        if used.any() and int(words[:, 1:][used].max()) >= n:
-            raise _bad(path, f"element {i} links past the last element")
+        blocks.append((i, pos, levels))
         top = max(top, levels)
-        pos += length
+        pos += length // 4
     if pos != end:
-        raise _bad(path, f"{end - pos} bytes after the last link list")
+        raise _bad(path, f"{(end - pos) * 4} bytes after the last link list")
+    if blocks:  # every level's list at once: its count <= M and its first `count` ids < n
+        b = np.asarray(blocks, dtype=np.int64)
+        levels = b[:, 2]
+        first = np.cumsum(levels) - levels
+        k = np.arange(int(levels.sum())) - np.repeat(first, levels)
+        rows = words[(np.repeat(b[:, 1], levels) + k * (M + 1))[:, None] + np.arange(M + 1)[None, :]]
+        owner = np.repeat(b[:, 0], levels)
+        counts = rows[:, 0] & 0xFFFF
+        if int(counts.max()) > M:
+            raise _bad(path, f"element {int(owner[int(np.argmax(counts > M))])} has an upper link list longer than M")
+        used = np.arange(M)[None, :] < counts[:, None]
+        past = (rows[:, 1:] >= n) & used
+        if past.any():
+            raise _bad(path, f"element {int(owner[int(np.argmax(past.any(axis=1)))])} links past the last element")
     return top

@@ -66,6 +66,8 @@ class VectorIndex:
         need = self._hnsw.get_current_count() + len(labels)
         if need > self._hnsw.get_max_elements():
             self._hnsw.resize_index(max(need, int(self._hnsw.get_max_elements() * 1.5)))
+        # Sized now, not once at creation: a long build outlives whatever else was running when the graph was made.
+        self._hnsw.set_num_threads(free_cores())
         self._hnsw.add_items(vecs, np.asarray(labels, dtype=np.int64))
 
     def mark_deleted(self, labels) -> None:
