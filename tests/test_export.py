@@ -105,8 +105,16 @@ def test_adapter_only_bundle_over_a_gguf_base(tiny_lora, tmp_path):
         api.generator(Config.resolve({"model.policy": str(tmp_path / "a")}, env={}))
 
 
-@pytest.mark.parametrize("quant", ["fp32", "int8"])
-def test_onnx_bundle_parity_stock_session_and_tampering(tiny_lora, tmp_path, quant):
+def export_onnx_fused_available() -> bool:
+    from export.onnx import fused_builder_available
+
+    return fused_builder_available()
+
+
+@pytest.mark.parametrize("quant,graph", [("fp32", "auto"), ("int8", "auto"), ("int8", "optimum")])
+def test_onnx_bundle_parity_stock_session_and_tampering(tiny_lora, tmp_path, quant, graph, monkeypatch):
+    """Both graphs: the fused one (onnxruntime-genai's builder, the default where installed) and optimum's."""
+    monkeypatch.setenv("MMHOPS_ONNX_GRAPH", graph)
     import numpy as np
     import onnxruntime as ort
     import torch
@@ -132,7 +140,9 @@ def test_onnx_bundle_parity_stock_session_and_tampering(tiny_lora, tmp_path, qua
     past = [n for n in names if n.startswith("past_key_values.")]
     shape = sess.get_inputs()[names.index(past[0])].shape
     ids = np.array([[1, 400, 500, 600, 700]], dtype=np.int64)
-    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(5)[None, :]}
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    if "position_ids" in names:  # optimum's graph; the fused one (GroupQueryAttention) derives positions itself
+        feed["position_ids"] = np.arange(5)[None, :]
     feed.update({n: np.zeros((1, shape[1], 0, shape[3]), dtype=np.float32) for n in past})
     logits = sess.run(["logits"], feed)[0]
     assert logits.shape[:2] == (1, 1)  # the head runs on the last position only
@@ -148,7 +158,10 @@ def test_onnx_bundle_parity_stock_session_and_tampering(tiny_lora, tmp_path, qua
 
         g = onnx.load(str(onnx_path)).graph
         inits = {i.name for i in g.initializer}
-        assert sum(n.op_type == "MatMulNBits" for n in g.node) >= 2 * 7 + 1  # 7 per layer + the (tied) LM head
+        fused = any(n.op_type == "GroupQueryAttention" for n in g.node)  # q, k and v packed into one MatMul
+        assert fused == (graph == "auto" and export_onnx_fused_available())
+        per_layer = 5 if fused else 7
+        assert sum(n.op_type == "MatMulNBits" for n in g.node) >= 2 * per_layer + 1  # per layer + the LM head
         assert not [n.name for n in g.node if n.op_type == "MatMul" and n.input[1] in inits]  # none left in float
 
     # ask/eval take the bundle as --model and run it with onnxruntime; the KV cache carries across turns.

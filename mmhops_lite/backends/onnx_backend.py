@@ -1,8 +1,9 @@
 """onnxruntime backend: a decoder exported with its KV cache (`mmhops-lite export --onnx`), fp32 or 8-bit weights.
 
-The model folder holds `model.onnx` (optimum's `text-generation-with-past` graph: input_ids, attention_mask,
-position_ids, past_key_values.N.key/value in; logits, present.N.key/value out) beside the tokenizer and config
-files. Like the other backends it keeps one KV cache across calls, so a loop turn that extends the previous prompt
+The model folder holds `model.onnx` beside the tokenizer and config files: either the fused graph of
+onnxruntime-genai's builder (GroupQueryAttention with rotary inside: input_ids, attention_mask and
+past_key_values.N.key/value in) or optimum's `text-generation-with-past` graph (the same plus position_ids); both
+give logits and present.N.key/value. Like the other backends it keeps one KV cache across calls, so a loop turn that extends the previous prompt
 only runs its new tokens. Tokenizer, chat template and text decoding are the torch backend's, so the three
 backends read and write exactly the same text; no torch tensor is used at run time.
 """
