@@ -24,7 +24,7 @@ import shutil
 import warnings
 from pathlib import Path
 
-from mmhops_lite.backends.onnx_backend import ONNX_FILE
+from mmhops_lite.backends.onnx_backend import KV_LAYOUT_KEY, KV_SHARED, ONNX_FILE
 from mmhops_lite.errors import InputError, MmhopsError, require
 from mmhops_lite.safeio import temp_name
 
@@ -118,6 +118,9 @@ def _export_fused(onnx, hf_dir: Path, out: Path, quant: str, block_size: int) ->
     model = onnx.load(str(raw / ONNX_FILE), load_external_data=True)
     if quant == "int8":
         model = weight_only_int8(model, block_size)
+    if any(n.op_type == "GroupQueryAttention" for n in model.graph.node):  # the backend may update the cache in place
+        entry = model.metadata_props.add()
+        entry.key, entry.value = KV_LAYOUT_KEY, KV_SHARED
     final = tmp / "final"
     final.mkdir()
     _save(onnx, model, final / ONNX_FILE)

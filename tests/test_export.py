@@ -171,6 +171,14 @@ def test_onnx_bundle_parity_stock_session_and_tampering(tiny_lora, tmp_path, qua
     first = gen.generate(prompt, [], max_tokens=4)
     second = gen.generate(prompt + first.text + " more", [], max_tokens=2)
     assert first.evaluated_tokens == first.prompt_tokens and second.evaluated_tokens < second.prompt_tokens
+    # The fused graph updates one KV buffer in place; the same tokens as copying the cache every step, also after
+    # the cache is cut back to a shorter prefix.
+    assert gen._shared == (graph == "auto" and export_onnx_fused_available())
+    if gen._shared:
+        plain = api.generator(Config.resolve({"model.policy": str(tmp_path / "o"), "model.threads": 1}, env={}))
+        plain._shared = False
+        for text in (prompt + first.text + " more and more", prompt + " other"):
+            assert gen.generate(text, [], max_tokens=6).text == plain.generate(text, [], max_tokens=6).text
 
     data = bytearray(onnx_path.read_bytes())
     data[len(data) // 3] ^= 0xFF

@@ -20,6 +20,8 @@ from .base import common_prefix
 from .torch_backend import TorchGenerator
 
 ONNX_FILE = "model.onnx"
+# Set in the model's metadata by the fused export: its GroupQueryAttention may read and write one KV buffer in place.
+KV_LAYOUT_KEY, KV_SHARED = "mmhops.kv_layout", "gqa-shared-buffer"
 
 
 def onnx_folder(path: str | Path) -> Path:
@@ -62,6 +64,9 @@ class OnnxGenerator(TorchGenerator):
         self._kv_dtype = self.np.float16 if "float16" in inputs[self._past_names[0]].type else self.np.float32
         self._has_pos = "position_ids" in inputs
         self._has_mask = "attention_mask" in inputs
+        meta = self.session.get_modelmeta().custom_metadata_map or {}
+        self._shared = meta.get(KV_LAYOUT_KEY) == KV_SHARED and self._has_mask
+        self._kv = None  # shared mode: one (1, kv_heads, n_ctx, head) buffer per past/present pair, allocated once
         self.model = None
         self.is_vlm = False
         self.template = self.tokenizer.chat_template
@@ -84,6 +89,8 @@ class OnnxGenerator(TorchGenerator):
         """
         np, ort = self.np, self._ort
         n = len(ids)
+        if self._shared:
+            return self._forward_shared(ids, start)
         io = self.session.io_binding()
         io.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
         if self._has_mask:
@@ -106,9 +113,38 @@ class OnnxGenerator(TorchGenerator):
         self._cached_ids.extend(ids)
         return outs[0].numpy()[0, -1].astype(np.float32)
 
+    def _forward_shared(self, ids: list[int], start: int):
+        """`_forward` for the fused graph: GroupQueryAttention writes the new keys and values into the same
+        preallocated buffer it reads the past from (bound as both input and output), so no step copies the cache,
+        and cutting the cache back to a prefix costs nothing (later positions are overwritten)."""
+        np, ort = self.np, self._ort
+        if self._kv is None:
+            shape = (1, self._kv_shape[1], self.n_ctx, self._kv_shape[3])
+            self._kv = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self._kv_dtype))
+                        for _ in self._past_names]
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
+        io.bind_cpu_input("attention_mask", np.ones((1, start + len(ids)), dtype=np.int64))
+        io.bind_output("logits")  # first: get_outputs() follows the binding order
+        for past, present, buf in zip(self._past_names, self._present_names, self._kv):
+            io.bind_ortvalue_input(past, buf)
+            io.bind_ortvalue_output(present, buf)
+        self.session.run_with_iobinding(io)
+        self._cache = self._kv
+        self._cached_ids.extend(ids)
+        return io.get_outputs()[0].numpy()[0, -1].astype(np.float32)
+
     def _prefill(self, ids: list[int]):
         """Reuse the cached prefix of `ids` (always re-running at least the last token); return logits, count run."""
         keep = min(common_prefix(self._cached_ids, ids), len(ids) - 1)
+        if self._shared:
+            keep = keep if self._cache is not None else 0
+            self._cached_ids = self._cached_ids[:keep]
+            try:
+                return self._forward(ids[keep:], keep), len(ids) - keep
+            except BaseException:
+                self._cache, self._cached_ids = None, []
+                raise
         if self._cache is not None and keep > 0:
             if keep < len(self._cached_ids):
                 crop = self._ort.OrtValue.ortvalue_from_numpy
