@@ -122,17 +122,26 @@ class OnnxGenerator(TorchGenerator):
             shape = (1, self._kv_shape[1], self.n_ctx, self._kv_shape[3])
             self._kv = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self._kv_dtype))
                         for _ in self._past_names]
-        io = self.session.io_binding()
+            # One binding for the whole session: the cache buffers never move, only the tokens and mask change.
+            self._io = self.session.io_binding()
+            # The head runs on the last position only, so the logits always fit one (1, 1, vocab) buffer, which
+            # onnxruntime writes in place: nothing is fetched back per step.
+            head = next(o for o in self.session.get_outputs() if o.name == "logits")
+            if not (isinstance(head.shape[-1], int) and head.shape[1] == 1):
+                raise ModelNotFound(f"the ONNX policy's logits have shape {head.shape}, not (batch, 1, vocab)",
+                                    fix="export it again with mmhops-lite export --onnx")
+            self._logits = np.zeros((1, 1, head.shape[-1]), dtype=np.float16 if "float16" in head.type else np.float32)
+            self._io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._logits))
+            for past, present, buf in zip(self._past_names, self._present_names, self._kv):
+                self._io.bind_ortvalue_input(past, buf)
+                self._io.bind_ortvalue_output(present, buf)
+        io = self._io
         io.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
         io.bind_cpu_input("attention_mask", np.ones((1, start + len(ids)), dtype=np.int64))
-        io.bind_output("logits")  # first: get_outputs() follows the binding order
-        for past, present, buf in zip(self._past_names, self._present_names, self._kv):
-            io.bind_ortvalue_input(past, buf)
-            io.bind_ortvalue_output(present, buf)
         self.session.run_with_iobinding(io)
         self._cache = self._kv
         self._cached_ids.extend(ids)
-        return io.get_outputs()[0].numpy()[0, -1].astype(np.float32)
+        return self._logits[0, -1].astype(np.float32)
 
     def _prefill(self, ids: list[int]):
         """Reuse the cached prefix of `ids` (always re-running at least the last token); return logits, count run."""
