@@ -104,6 +104,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gen-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the rows this many times, interleaved (A B A B ...), and report medians: the "
+                         "machine's speed drifts over minutes, so one pass can favour whichever row ran first")
     ap.add_argument("--rows", help="comma-separated row names to run (default: all), e.g. 'GGUF Q8_0,ONNX int8'")
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -119,30 +122,42 @@ def main() -> None:
             ap.error(f"unknown row(s) {unknown}; known: {', '.join(r[0] for r in ROWS)}")
         chosen = [r for r in ROWS if r[0] in want]
     ensure_bundles(args.bundles, chosen)
+    runs: dict[str, list] = {label: [] for label, _, _ in chosen}
+    for rnd in range(max(1, args.rounds)):
+        for label, kind, name in chosen:
+            path = args.bundles / name if name else None
+            cmd = [sys.executable, __file__, "--threads", str(threads), "--repeats", str(args.repeats),
+                   "--gen-tokens", str(args.gen_tokens), "--worker", kind, str(path)]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                                 env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+            if res.returncode != 0:
+                print(f"{label}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
+                continue
+            runs[label].append(json.loads(res.stdout.strip().splitlines()[-1]))
+            print(f"measured {label} (round {rnd + 1})", flush=True)
     rows = []
     for label, kind, name in chosen:
-        path = args.bundles / name if name else None
-        cmd = [sys.executable, __file__, "--threads", str(threads), "--repeats", str(args.repeats),
-               "--gen-tokens", str(args.gen_tokens), "--worker", kind, str(path)]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-        if res.returncode != 0:
-            print(f"{label}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
+        if not runs[label]:
             continue
-        row = json.loads(res.stdout.strip().splitlines()[-1])
-        row.update(name=label, size_mb=round(policy_size(kind, path) / 1e6, 1))
+        path = args.bundles / name if name else None
+        row = {k: statistics.median(r[k] for r in runs[label]) for k in runs[label][0] if k != "prompt_tokens"}
+        row.update(name=label, prompt_tokens=runs[label][0]["prompt_tokens"], rounds=len(runs[label]),
+                   gen_all=[r["gen_tps"] for r in runs[label]], size_mb=round(policy_size(kind, path) / 1e6, 1))
         if path:
             row["parity"] = json.loads((path / "manifest.json").read_text())["parity"]["greedy_top1_agreement"]
         rows.append(row)
-        print(f"measured {label}", flush=True)
     ref = rows[0] if rows and rows[0]["name"] == "torch fp32" else None
     print(f"\n{threads} thread(s); prompt {rows[0]['prompt_tokens'] if rows else '?'} tokens; "
-          f"{args.gen_tokens} generated tokens; median of {args.repeats}\n")
+          f"{args.gen_tokens} generated tokens; median of {args.repeats} per process, median of "
+          f"{max(1, args.rounds)} interleaved round(s)\n")
     print("| policy | file MB | load s | prompt tok/s | generation tok/s | gen. vs torch | peak RSS MB | parity |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['gen_tps'] / ref['gen_tps']:.1f}x" if ref else "-"
         print(f"| {r['name']} | {r['size_mb']} | {r['load_s']} | {r['prompt_tps']} | {r['gen_tps']} | {ratio} | "
               f"{r['peak_rss_mb']:.0f} | {r.get('parity', '-')} |")
+    if max(1, args.rounds) > 1:
+        print("\ngeneration tok/s per round: " + "; ".join(f"{r['name']} {r['gen_all']}" for r in rows))
 
 
 if __name__ == "__main__":
