@@ -94,16 +94,7 @@ def export_onnx(hf_dir: Path, out: Path, quant: str = "fp32", block_size: int = 
     last_position_logits(model)
     if quant == "int8":
         model = weight_only_int8(model, block_size)
-    final = tmp / "final"
-    final.mkdir()
-    _save(onnx, model, final / ONNX_FILE)
-    for name in KEEP_FILES:
-        if (raw / name).is_file():
-            shutil.copyfile(raw / name, final / name)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(final, out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return _publish(onnx, model, raw, tmp, out)
 
 
 def _export_fused(onnx, hf_dir: Path, out: Path, quant: str, block_size: int) -> Path:
@@ -128,12 +119,17 @@ def _export_fused(onnx, hf_dir: Path, out: Path, quant: str, block_size: int) ->
     if any(n.op_type == "GroupQueryAttention" for n in model.graph.node):  # the backend may update the cache in place
         entry = model.metadata_props.add()
         entry.key, entry.value = KV_LAYOUT_KEY, KV_SHARED
+    return _publish(onnx, model, hf_dir, tmp, out)  # the merged folder's tokenizer and configs: the torch backend's
+
+
+def _publish(onnx, model, files_from: Path, tmp: Path, out: Path) -> Path:
+    """Save `model` with the KEEP_FILES found in `files_from` into `tmp/final`, then move it to `out` whole."""
     final = tmp / "final"
     final.mkdir()
     _save(onnx, model, final / ONNX_FILE)
-    for name in KEEP_FILES:  # the tokenizer and configs of the merged folder, the files the torch backend reads
-        if (hf_dir / name).is_file():
-            shutil.copyfile(hf_dir / name, final / name)
+    for name in KEEP_FILES:
+        if (files_from / name).is_file():
+            shutil.copyfile(files_from / name, final / name)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(final, out)
     shutil.rmtree(tmp, ignore_errors=True)
