@@ -83,8 +83,10 @@ class LlamaCppGenerator:
         from ..registry import sha256_file
         from ..safeio import atomic_write
 
+        if self.llm.n_tokens:  # a cache already in use (every ask after a server's first): nothing to tokenize
+            return "skipped"
         toks = self.tokenize(prefix)
-        if len(toks) < 16 or self.llm.n_tokens or len(toks) >= self.n_ctx // 2:
+        if len(toks) < 16 or len(toks) >= self.n_ctx // 2:
             return "skipped"
         lora = sha256_file(self.lora_path) if self.lora_path else ""
         ident = f"{sha256_file(self.path)}|{lora}|{llama_cpp.__version__}|{','.join(map(str, toks))}"
