@@ -480,6 +480,9 @@ def train_cmd(
     model: Optional[str] = typer.Option(None, "--model", help="Base policy: registry name, .gguf or HF folder."),
     out: Path = typer.Option(Path("runs/train"), "-o", "--out", help="Run folder: checkpoints, logs, adapter. "
                                                                     "Re-running resumes it."),
+    from_adapter: Optional[Path] = typer.Option(None, "--from-adapter", help="Start from this LoRA (a train run "
+                                                "folder or PEFT adapter folder, e.g. the shipped one) instead of a "
+                                                "fresh one."),
     reward: str = typer.Option("", "--reward", help="Reward weights and options as name=value pairs, e.g. "
                                "action=0.5,coverage=1. " + "; ".join(
                                    f"{n} ({w:g}): {h}" for n, (w, h) in api.reward_parts().items()) + "."),
@@ -491,6 +494,8 @@ def train_cmd(
       mmhops-lite train --lora                                  # demo train split, default policy
       mmhops-lite train q/train.jsonl --index idx/ --lora --sft -o runs/mine
       accelerate launch --multi_gpu --num_processes 2 cli.py train --lora -o runs/dp   # data parallel (CPU)
+      mmhops-lite train --lora --trainer trl --device cuda -o runs/gpu   # trl's GRPOTrainer, update on the GPU
+      accelerate launch --num_processes 4 cli.py train --trainer trl --engine vllm --questions-per-step 8 -o runs/4gpu
     """
     cfg = _run(_cfg, **{"model.policy": model})
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -525,7 +530,7 @@ def train_cmd(
                                   "without a trajectory", highlight=False)
 
         res = _run(api.train_policy, questions, cfg, out, index=index, model=model, sft=sft, reward=reward,
-                   on_event=on_event, **options)
+                   on_event=on_event, from_adapter=from_adapter, **options)
     if res.get("rank", 0):  # data parallel: the first process reports
         return
     console.print(f"[green]adapter[/green] {res['adapter']}  gguf: {res.get('adapter_gguf')}  "

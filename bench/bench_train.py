@@ -1,6 +1,13 @@
-"""GRPO step time and rollout generation speed, llama.cpp engine vs torch engine, side by side in one run.
+"""GRPO step time and rollout generation speed, llama.cpp engine vs torch engine, compact trainer vs trl's
+GRPOTrainer, side by side in one run.
 
     python bench/bench_train.py [--steps 3] [--adapter runs/sft] [--questions Q.jsonl]
+    python bench/bench_train.py --trainers compact,trl --trl-steps 20 --engines llamacpp --rollout-weights merged \
+        --rollouts batched --adapter runs/sft      # the trl route's reward over 20 steps beside both s/step
+
+`--trainers trl` runs trl's GRPOTrainer (`train --trainer trl`) on the same questions, engine and starting adapter
+for --trl-steps steps, prints its reward per step and whether it rose (mean of the last five steps against the
+first five, and the least-squares slope).
 
 Each engine runs the same GRPO steps (2 questions x group 4, default policy, LoRA r=16) from the same starting
 adapter on the demo index; prints seconds per step (adapter refresh / rollouts / update; the median step, so
@@ -25,10 +32,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+from mmhops_lite.train.settings import GRPOConfig  # noqa: E402
+
+
 def main() -> None:
     from mmhops_lite import api
     from mmhops_lite.config import Config
-    from mmhops_lite.train.settings import GRPOConfig, LoraSpec
+    from mmhops_lite.train.settings import LoraSpec
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3)
@@ -38,6 +48,9 @@ def main() -> None:
     ap.add_argument("--update-dtype", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--rollout-weights", default="merged", help="comma list: merged,adapter (llama.cpp engine)")
     ap.add_argument("--rollouts", default="batched,sequential", help="comma list: batched,sequential")
+    ap.add_argument("--trainers", default="compact", help="comma list: compact,trl")
+    ap.add_argument("--trl-steps", type=int, default=0, help="steps of the trl route (default: --steps)")
+    ap.add_argument("--lr", type=float, default=GRPOConfig.lr, help="GRPO learning rate (both trainers)")
     a = ap.parse_args()
     cfg = Config.resolve()
     from mmhops_lite.paths import free_cores
@@ -45,24 +58,29 @@ def main() -> None:
     print(f"threads: {cfg.model.threads or free_cores()} (set MMHOPS_MODEL_THREADS to fix them; 0 = the idle cores "
           "at start)", flush=True)
     rows = {}
-    runs = [(e, w, r) for e in a.engines.split(",")
+    runs = [(t, e, w, r) for t in a.trainers.split(",") for e in a.engines.split(",")
             for w in (a.rollout_weights.split(",") if e == "llamacpp" else [""]) for r in a.rollouts.split(",")]
-    for engine, weights, rollouts in runs:
-        label = "-".join(x for x in (engine, weights, rollouts) if x)
-        out = Path(tempfile.mkdtemp(prefix=f"bench-train-{engine}-"))
+    curves = {}
+    for trainer, engine, weights, rollouts in runs:
+        label = "-".join(x for x in ("trl" if trainer == "trl" else "", engine, weights, rollouts) if x)
+        out = Path(tempfile.mkdtemp(prefix=f"bench-train-{trainer}-{engine}-"))
+        steps = (a.trl_steps or a.steps) if trainer == "trl" else a.steps
         try:
-            if a.adapter:  # start both engines from the same weights: copy the run's checkpoint as a GRPO one
-                shutil.copytree(a.adapter / "checkpoint", out / "grpo-checkpoint")
-                st = json.loads((out / "grpo-checkpoint" / "state.json").read_text())
-                st["state"] = {"step": 0, "zero_var": 0, "no_search": 0}
-                (out / "grpo-checkpoint" / "state.json").write_text(json.dumps(st))
-                (out / "grpo-checkpoint" / "optimizer.safetensors").unlink(missing_ok=True)
-            api.train_policy(a.questions, cfg, out, lora=LoraSpec(), sft=None,
-                             grpo=GRPOConfig(steps=a.steps, engine=engine, checkpoint_every=10**6,
+            # every path starts from the same weights: the adapter given (e.g. an SFT warm start), or a fresh LoRA
+            api.train_policy(a.questions, cfg, out, lora=LoraSpec(), sft=None, from_adapter=a.adapter,
+                             grpo=GRPOConfig(steps=steps, engine=engine, checkpoint_every=10**6, lr=a.lr,
                                              update_dtype=a.update_dtype, rollout_weights=weights or "merged",
-                                             rollouts=rollouts))
+                                             rollouts=rollouts, trainer=trainer))
             log = [json.loads(x) for x in (out / "grpo-log.jsonl").read_text().splitlines()]
+            if trainer == "trl":
+                curves[label] = [r["reward"] for r in log]
             for r in log:  # per step, so a median is never read without what it summarises
+                r.setdefault("update_s", r["seconds"] - r["rollout_s"])  # trl: everything but the rollouts
+                if trainer == "trl":
+                    print(f"  {label} step {r['step']}: {r['seconds']:.1f} s = rollouts {r['rollout_s']:.1f} + "
+                          f"trl {r['update_s']:.1f} (reward {r['reward']:.3f}, accuracy {r['accuracy']:.3f}, "
+                          f"{r['zero_variance_groups']} zero-variance groups)", flush=True)
+                    continue
                 print(f"  {label} step {r['step']}: {r['seconds']:.1f} s = refresh {r.get('refresh_s', 0):.2f} + "
                       f"rollouts {r['rollout_s']:.1f} + update {r['update_s']:.1f} "
                       f"({r['trained_rollouts']} rollouts trained, {r['zero_variance_groups']} zero-variance groups, "
@@ -96,6 +114,15 @@ def main() -> None:
         if e != base:
             print(f"{e} vs {base}: step {rows[base]['step_s'] / r['step_s']:.2f}x faster, "
                   f"generated tokens/s {r['rollout_tok_s'] / rows[base]['rollout_tok_s']:.2f}x")
+    for label, ys in curves.items():
+        n = len(ys)
+        k = min(5, n // 2)
+        xm, ym = (n + 1) / 2, sum(ys) / n
+        slope = sum((i + 1 - xm) * (y - ym) for i, y in enumerate(ys)) / max(sum((i + 1 - xm) ** 2 for i in range(n)), 1e-9)
+        first, last = sum(ys[:k]) / max(k, 1), sum(ys[-k:]) / max(k, 1)
+        print(f"{label} reward per step: {' '.join(f'{y:.2f}' for y in ys)}")
+        print(f"{label} reward: first {k} steps {first:.3f}, last {k} steps {last:.3f}, slope {slope:+.4f}/step -> "
+              f"{'rose' if last > first and slope > 0 else 'did not rise'}")
     print("target: <= 20 s per step (2 questions x group 4)")
 
 

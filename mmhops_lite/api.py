@@ -319,12 +319,12 @@ def reward_parts() -> dict:
 
 def train_policy(questions_file: str | Path | None, cfg: Config, out: str | Path, index: str | Path | None = None, *,
                  model: str | None = None, sft=True, lora=None, grpo=None, reward="", on_event=None,
-                 **options) -> dict:
+                 from_adapter: str | Path | None = None, **options) -> dict:
     """Train a LoRA adapter over an index (see mmhops_lite.train.driver.train); resumable from `out`.
 
     `options` are `train_options()` by name (e.g. steps=40, grpo_lr=5e-5, seed=1); `lora`/`grpo` (settings
     objects) and `sft` (True, False/None, or an SFTConfig) override them whole. `reward` is a `--reward` spec or a
-    `rewards.Weights`. Without a question file, the demo train split (synthesised on first use)."""
+    `rewards.Weights`; `from_adapter` starts from a trained LoRA (a run folder or PEFT folder). Without a question file, the demo train split (synthesised on first use)."""
     from .rewards import Weights
     from .train.driver import train
     from .train.settings import SFTConfig, settings_from
@@ -337,7 +337,7 @@ def train_policy(questions_file: str | Path | None, cfg: Config, out: str | Path
     idx_path = resolve_index(cfg, index)
     with open_index(idx_path, cfg) as idx:
         return train(questions_file, idx, cfg, out, model=model, lora=lora or settings["lora"], sft=sft_cfg,
-                     grpo=grpo or settings["grpo"], weights=weights, on_event=on_event)
+                     grpo=grpo or settings["grpo"], weights=weights, on_event=on_event, from_adapter=from_adapter)
 
 
 def export_formats() -> dict:

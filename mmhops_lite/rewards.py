@@ -196,11 +196,17 @@ def _action(ep: Scored) -> float:
                          "coverage" in ep.options)
 
 
+def scored(trace, question, weights: Weights = Weights()) -> Scored:
+    """One episode (a Trace) for one Question as its reward parts see it."""
+    correct = score(trace.answer, question.answer_eval, question.problem_type)
+    return Scored(trace, question, correct, weights.options)
+
+
 def total_reward(trace, question, weights: Weights = Weights()) -> dict:
     """Every registered part of one episode (a Trace) for one Question, their weighted sum ("total") and
     whether the answer is right ("correct", 0 or 1)."""
-    correct = score(trace.answer, question.answer_eval, question.problem_type)
-    ep = Scored(trace, question, correct, weights.options)
+    ep = scored(trace, question, weights)
+    correct = ep.correct
     parts = {name: float(part.fn(ep)) for name, part in REWARDS.items()}
     parts["total"] = sum(weights.of(name) * v for name, v in parts.items())
     parts["correct"] = float(correct)
@@ -210,3 +216,29 @@ def total_reward(trace, question, weights: Weights = Weights()) -> dict:
 def part_names(record: Mapping) -> list[str]:
     """The reward parts present in a `total_reward` result, in table order."""
     return [n for n in REWARDS if n in record]
+
+
+SCORED_FIELD = "mmhops_scored"  # the column a trl rollout_func hands its episodes to the reward functions in
+
+
+def trl_reward_functions(weights: Weights = Weights()) -> tuple[list, list[float]]:
+    """The reward table as trl `reward_funcs` and `reward_weights`: one function per part, named after it (trl logs
+    `rewards/<name>/mean`), reading the episodes a rollout_func returned under SCORED_FIELD. The parts themselves
+    are the ones `total_reward` adds up, so both trainers optimise one definition.
+
+    >>> from types import SimpleNamespace as NS
+    >>> funcs, w = trl_reward_functions(Weights.parse("action=0.5"))
+    >>> [f.__name__ for f in funcs], w
+    (['outcome', 'format', 'action'], [1.0, 0.2, 0.5])
+    >>> q = NS(answer_eval=["Dijon"], problem_type="String", images=["a.png"], extra={})
+    >>> tr = NS(answer="Dijon", hops=[NS(raw="<answer>Dijon</answer>", action="answer")])
+    >>> [f(prompts=["p"], completions=["c"], mmhops_scored=[scored(tr, q)]) for f in funcs]
+    [[1.0], [1.0], [0.0]]
+    """
+    funcs = []
+    for name, part in REWARDS.items():
+        def fn(prompts=None, completions=None, _part=part, **kwargs):
+            return [float(_part.fn(ep)) for ep in kwargs[SCORED_FIELD]]
+        fn.__name__ = fn.__qualname__ = name
+        funcs.append(fn)
+    return funcs, [weights.of(name) for name in REWARDS]

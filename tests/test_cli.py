@@ -87,13 +87,16 @@ def test_train_options_come_from_the_settings_and_reach_the_api(monkeypatch, tmp
     assert r.exit_code == 0, r.output
     kw = seen["kw"]
     assert kw["sft"] is False and kw["reward"] == "action=0.5" and kw["grpo_lr"] == 1e-5 and kw["seed"] == 3
-    built = settings_from({k: v for k, v in kw.items() if k not in ("index", "model", "sft", "reward", "on_event")})
+    built = settings_from({k: v for k, v in kw.items() if k not in ("index", "model", "sft", "reward", "on_event",
+                                                                 "from_adapter")})
     defaults = settings_from({})
     assert built["grpo"].lr == 1e-5 and built["grpo"].seed == built["sft"].seed == 3
     assert built["grpo"].steps == defaults["grpo"].steps and built["lora"] == defaults["lora"]
     monkeypatch.undo()  # the real api refuses a bad choice before it loads anything
-    r = runner.invoke(cli.app, ["train", "--engine", "vllm"])
-    assert r.exit_code == 1 and "--engine 'vllm' is not an option" in r.output
+    r = runner.invoke(cli.app, ["train", "--engine", "onnx"])
+    assert r.exit_code == 1 and "--engine 'onnx' is not an option" in r.output
+    r = runner.invoke(cli.app, ["train", "--engine", "vllm"])  # vLLM generation is trl's
+    assert r.exit_code == 1 and "--trainer trl" in r.output
 
 
 def test_export_is_one_api_call_by_format_name(monkeypatch, tmp_path):

@@ -147,11 +147,12 @@ class TorchGenerator:
         """Run `ids` at positions start.. through the model, extending the cache; the last position's logits."""
         torch = self.torch
         kw = {"logits_to_keep": 1} if self._keep_arg else {}
-        out = self.model(input_ids=torch.tensor([ids]), past_key_values=self._cache, use_cache=True,
-                         cache_position=torch.arange(start, start + len(ids)), **kw)
+        dev = self.model.device  # a GPU model decodes on its GPU; sampling stays on the CPU (seeded generators)
+        out = self.model(input_ids=torch.tensor([ids], device=dev), past_key_values=self._cache, use_cache=True,
+                         cache_position=torch.arange(start, start + len(ids), device=dev), **kw)
         self._cache = out.past_key_values
         self._cached_ids.extend(ids)
-        return out.logits[0, -1].float()
+        return out.logits[0, -1].float().cpu()
 
     def _prefill(self, ids: list[int]):
         """Reuse the cached prefix of `ids` (always re-running at least the last token); return logits, count run."""

@@ -29,6 +29,7 @@ def shared_prefix(ids: list[list[int]]) -> int:
 class BatchDecoder:
     def __init__(self, decoder, head, torch):
         self.decoder, self.head, self.torch = decoder, head, torch
+        self.dev = next(decoder.parameters()).device  # a GPU model decodes on its GPU
         self.slots: list[int] = []
         self.toks: list[list[int]] = []  # the tokens each row holds, in order
         self.cols: list[list[int]] = []  # the column of each of those tokens
@@ -51,10 +52,11 @@ class BatchDecoder:
         n = shared_prefix(ids)
         self.cache = DynamicCache()
         for c in range(0, n, CHUNK):
-            self.decoder(input_ids=torch.tensor([ids[0][c:min(c + CHUNK, n)]]), past_key_values=self.cache, use_cache=True,
-                         cache_position=torch.arange(c, min(c + CHUNK, n)))
+            self.decoder(input_ids=torch.tensor([ids[0][c:min(c + CHUNK, n)]], device=self.dev),
+                         past_key_values=self.cache, use_cache=True,
+                         cache_position=torch.arange(c, min(c + CHUNK, n), device=self.dev))
         self.cache.batch_repeat_interleave(len(ids))
-        self.mask = torch.ones(len(ids), n, dtype=torch.long)
+        self.mask = torch.ones(len(ids), n, dtype=torch.long, device=self.dev)
         self.slots = list(slots)
         self.toks = [list(ids[0][:n]) for _ in ids]
         self.cols = [list(range(n)) for _ in ids]
@@ -64,7 +66,7 @@ class BatchDecoder:
         """Keep (and order) the rows of these slots; the others' episodes are over."""
         idx = [self.slots.index(s) for s in slots]
         if idx != list(range(len(self.slots))):
-            self.cache.batch_select_indices(self.torch.tensor(idx))
+            self.cache.batch_select_indices(self.torch.tensor(idx, device=self.dev))
             self.mask = self.mask[idx]
             self.toks = [self.toks[i] for i in idx]
             self.cols = [self.cols[i] for i in idx]
@@ -100,11 +102,12 @@ class BatchDecoder:
                         valid[r, j - c] = 1
                         self.toks[r].append(toks[k])
                         self.cols[r].append(col0 + j - c)
+            inp, pos, valid = inp.to(self.dev), pos.to(self.dev), valid.to(self.dev)
             self.mask = torch.cat([self.mask, valid], dim=1)
             out = self.decoder(input_ids=inp, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
-                               use_cache=True, cache_position=torch.arange(col0, col0 + w))
+                               use_cache=True, cache_position=torch.arange(col0, col0 + w, device=self.dev))
             h_last = out.last_hidden_state[:, -1]
-        return self.head(h_last).float()
+        return self.head(h_last).float().cpu()
 
     def _advance(self, rows: list[int], last: list[int], n: int) -> list:
         """Run each listed row's last token (the other rows get a gap); those rows' next logits."""

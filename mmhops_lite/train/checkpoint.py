@@ -42,14 +42,14 @@ def _save(folder: Path, net, opt, state: dict, meta: dict) -> None:
         names = [n for n, p in net.named_parameters() if p.requires_grad]
         params = [p for _, p in net.named_parameters() if p.requires_grad]
         faults.no_space(folder)
-        save_file({n: p.detach().contiguous() for n, p in zip(names, params)}, str(tmp / "weights.safetensors"))
+        save_file({n: p.detach().cpu().contiguous() for n, p in zip(names, params)}, str(tmp / "weights.safetensors"))
         faults.point("weights")
         moments, steps = {}, {}
         for i, p in enumerate(params):
             st = opt.state.get(p, {})
             for key, val in st.items():
                 if torch.is_tensor(val) and val.ndim > 0:
-                    moments[f"{i}.{key}"] = val.contiguous()
+                    moments[f"{i}.{key}"] = val.cpu().contiguous()
                 elif key == "step":
                     steps[str(i)] = float(val)
         if moments:
@@ -138,7 +138,7 @@ def load_checkpoint(folder: Path, net, opt) -> dict | None:
                 p.copy_(weights[n])
         for key, val in moments.items():
             i, name = key.split(".", 1)
-            opt.state[params[int(i)]][name] = val.clone()
+            opt.state[params[int(i)]][name] = val.to(params[int(i)].device).clone()
         for i, s in info.get("opt_steps", {}).items():
             opt.state[params[int(i)]]["step"] = torch.tensor(s)
     except Exception as exc:  # safetensors and torch raise their own error types

@@ -4,7 +4,8 @@ optimizer step everywhere, and only the first process writes logs, checkpoints a
 
 With one process (the default, and every test but one) every call below is a no-op. Only the LoRA gradients
 travel (a few MB per step, over gloo), so this needs no DDP wrapper around the model. Every process computes on
-the CPU: this spreads a run over cores or machines; it does not move the update onto GPUs.
+the CPU unless `--device cuda` (then each process updates on its GPU; `--trainer trl` hands the process group to
+accelerate, NCCL on GPUs).
 """
 from __future__ import annotations
 
@@ -61,10 +62,16 @@ class Dist:
         if not self._dist:
             return
         torch = require("torch", "train")
+        via_cpu = self._dist.get_backend() == "gloo"  # gloo reduces CPU tensors only
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            self._dist.all_reduce(p.grad)
+            if via_cpu and p.grad.device.type != "cpu":
+                g = p.grad.cpu()
+                self._dist.all_reduce(g)
+                p.grad.copy_(g)
+            else:
+                self._dist.all_reduce(p.grad)
 
     def threads(self, free: int) -> int:
         """Threads for this process when the world shares one machine's free cores."""

@@ -68,11 +68,21 @@ def native_bf16() -> bool:
     return " amx_bf16" in flags
 
 
-def update_bf16(dtype: str) -> bool:
-    """Whether an update (GRPO or SFT) with this `update_dtype` runs its body under bf16 autocast."""
+def update_bf16(dtype: str, device: str = "cpu") -> bool:
+    """Whether an update (GRPO or SFT) with this `update_dtype` runs its body under bf16 autocast on `device`
+    (auto: AMX tiles on a CPU, bf16 support on a GPU)."""
     if dtype not in DTYPES:
         raise ValueError(f"update dtype {dtype!r}: use {', '.join(DTYPES)}")
-    return dtype == "bf16" or (dtype == "auto" and native_bf16())
+    if dtype != "auto":
+        return dtype == "bf16"
+    if device == "cuda":
+        return bool(require("torch", "train").cuda.is_bf16_supported())
+    return native_bf16()
+
+
+def device_of(net) -> str:
+    """'cpu' or 'cuda': where the model's weights are (the update's tensors are made there)."""
+    return next(net.parameters()).device.type
 
 
 # Under bf16 autocast on a CPU, plain (matmul + softmax) attention runs a rollout's forward and backward faster than
@@ -104,7 +114,7 @@ def token_logprobs(net, ep: TokenizedEpisode):
     """(log-probs of each next token, entropy of each next-token distribution), positions 1..n-1 (fp32, all
     positions: the reference the fast path below is tested against)."""
     torch = require("torch", "train")
-    ids = torch.tensor([ep.input_ids])
+    ids = torch.tensor([ep.input_ids], device=device_of(net))
     logits = net(input_ids=ids).logits[0, :-1].float()
     logp_all = torch.log_softmax(logits, dim=-1)
     target = ids[0, 1:]
@@ -133,19 +143,20 @@ def policy_logprobs(net, ep: TokenizedEpisode, bf16: bool = False, start: int = 
     targets = policy_targets(ep)
     if targets and targets[0] <= start:
         raise ValueError("a shared prefix must end before the first policy token")
-    ids = torch.tensor([ep.input_ids[start:]])
+    dev = device_of(net)
+    ids = torch.tensor([ep.input_ids[start:]], device=dev)
     cache = None
     if prefix is not None:
         from transformers import DynamicCache
 
         cache = DynamicCache(ddp_cache_data=prefix)  # fresh cache object, the prefix tensors themselves (with grad)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), _attention(net, len(ep.input_ids), bf16):
+    with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16), _attention(net, len(ep.input_ids), bf16):
         h = lm.get_decoder()(input_ids=ids, past_key_values=cache, use_cache=cache is not None).last_hidden_state[0]
-    rows = torch.tensor([t - 1 - start for t in targets], dtype=torch.long)
-    with torch.autocast("cpu", enabled=False):
+    rows = torch.tensor([t - 1 - start for t in targets], dtype=torch.long, device=dev)
+    with torch.autocast(dev, enabled=False):
         logits = lm.get_output_embeddings()(h[rows].float())
     logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, torch.tensor(ep.input_ids)[targets][:, None])[:, 0]
+    logp = logp_all.gather(-1, torch.tensor(ep.input_ids, device=dev)[targets][:, None])[:, 0]
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, entropy
 
@@ -182,7 +193,7 @@ def _rollout_loss(net, ep: TokenizedEpisode, adv: float, cfg: GRPOConfig, sample
     """policy_loss of one rollout; `sampler_logprobs` is per position of `ep.input_ids`, the KL reference is the
     base (adapter off) when cfg.kl > 0."""
     torch = require("torch", "train")
-    bf16 = update_bf16(cfg.update_dtype)
+    bf16 = update_bf16(cfg.update_dtype, device_of(net))
     logp, ent = policy_logprobs(net, ep, bf16, start, prefix)
     targets = policy_targets(ep)
     sampler = [sampler_logprobs[t] for t in targets] if sampler_logprobs is not None else None
@@ -229,13 +240,15 @@ def group_backward(net, items: list, cfg: GRPOConfig, scale: float = 1.0, max_to
     gathered are sent back through the prompt's pass once at the end. Gradients equal those of `episode_loss`
     summed over the group (tested)."""
     torch = require("torch", "train")
-    bf16 = update_bf16(cfg.update_dtype)
+    dev = device_of(net)
+    bf16 = update_bf16(cfg.update_dtype, dev)
     eps = [it[0] for it in items]
     start = shared_start(eps) if len(eps) > 1 else 0
     kv, leaves = [], None
     if start >= 2:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), _attention(net, start, bf16):
-            out = _lm(net).get_decoder()(input_ids=torch.tensor([eps[0].input_ids[:start]]), use_cache=True)
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16), _attention(net, start, bf16):
+            out = _lm(net).get_decoder()(input_ids=torch.tensor([eps[0].input_ids[:start]], device=dev),
+                                         use_cache=True)
         kv = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
         flat = [t.detach().requires_grad_(True) for t in kv]
         leaves = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
@@ -262,6 +275,7 @@ def importance_weights(logp, sampler_logprobs: list, cap: float):
     [1.0, 2.0, 1.0]
     """
     torch = require("torch", "train")
-    s = torch.tensor([float("nan") if v is None else float(v) for v in sampler_logprobs], dtype=torch.float32)
+    s = torch.tensor([float("nan") if v is None else float(v) for v in sampler_logprobs], dtype=torch.float32,
+                     device=logp.device)
     w = torch.exp(logp.detach() - s).clamp(max=cap)
     return torch.where(torch.isnan(s), torch.ones_like(w), w)

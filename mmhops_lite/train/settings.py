@@ -30,6 +30,8 @@ class LoraSpec:
 
 
 DTYPES = ("auto", "bf16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
+DEVICE_HELP = "Where SFT and GRPO updates run: auto (CUDA when torch sees a GPU, else the CPU), cpu or cuda."
 DTYPE_HELP = "SFT and GRPO update precision: auto (bf16 autocast where the CPU has AMX bf16 tiles), bf16 or fp32."
 
 
@@ -49,6 +51,7 @@ class SFTConfig:
     checkpoint_every: int = _o(10, "SFT steps between checkpoints.")
     seed: int = _o(0, "Seed for data order (and the LoRA's random start).", "--seed")
     update_dtype: str = _o("auto", DTYPE_HELP, "--update-dtype", DTYPES)
+    device: str = _o("auto", DEVICE_HELP, "--device", DEVICES)
 
 
 @dataclass(frozen=True)
@@ -64,8 +67,12 @@ class GRPOConfig:
     kl: float = _o(0.0, "KL coefficient (k3) to the base policy (0 = off: no extra forward pass).", "--kl")
     clip: float = _o(0.2, "PPO clipping of the token log-ratio.")
     temperature: float = _o(1.0, "Rollout sampling temperature.", "--temperature")
-    engine: str = _o("llamacpp", "Rollout engine: llamacpp (the current policy as a GGUF, refreshed each step) or "
-                                 "torch (the live model).", "--engine", ("llamacpp", "torch"))
+    engine: str = _o("llamacpp", "Rollout engine: llamacpp (the current policy as a GGUF, refreshed each step), "
+                                 "torch (the live model) or vllm (--trainer trl on a GPU with vLLM installed: trl's "
+                                 "colocated vLLM, weights synced each step).", "--engine", ("llamacpp", "torch", "vllm"))
+    trainer: str = _o("compact", "GRPO trainer: compact (ours: the CPU recipe, shared prompts run once) or trl "
+                                 "(trl's GRPOTrainer on accelerate: GPUs, DeepSpeed/FSDP, several machines; our loop "
+                                 "plays the episodes, our rewards score them).", "--trainer", ("compact", "trl"))
     refresh_every: int = _o(1, "Steps between refreshes of the llama.cpp engine's weights.")
     rollout_weights: str = _o("merged", "llamacpp engine: merged (LoRA folded into a Q8_0 copy of the base, "
                                         "fastest) or adapter (GGUF LoRA over the base).", "--rollout-weights",
@@ -74,8 +81,14 @@ class GRPOConfig:
                                   "sequential (one rollout after another).", "--rollouts", ("batched", "sequential"))
     importance_cap: float = _o(2.0, "Truncated importance weights for the llama.cpp sampler (0 = off).")
     update_dtype: str = _o("auto", DTYPE_HELP, "--update-dtype", DTYPES)
+    device: str = _o("auto", DEVICE_HELP, "--device", DEVICES)
     checkpoint_every: int = _o(5, "GRPO steps between checkpoints.")
     seed: int = _o(0, "Seed for data order (and the LoRA's random start).", "--seed")
+
+    def __post_init__(self):
+        if self.engine == "vllm" and self.trainer != "trl":
+            raise InputError("--engine vllm generates through trl's colocated vLLM",
+                             fix="add --trainer trl, or use --engine llamacpp or torch")
 
 
 SECTIONS = {"lora": LoraSpec, "sft": SFTConfig, "grpo": GRPOConfig}
@@ -147,3 +160,23 @@ def settings_from(options: dict) -> dict:
     for settings in built.values():
         check_choices(settings)
     return built
+
+
+def resolve_device(device: str) -> str:
+    """'cpu' or 'cuda' for a --device value; cuda asked for where torch sees no GPU is refused, saying so.
+
+    >>> resolve_device("cpu")
+    'cpu'
+    """
+    if device not in DEVICES:
+        raise InputError(f"--device {device!r} is not an option", fix=f"use one of: {', '.join(DEVICES)}")
+    if device == "cpu":
+        return "cpu"
+    torch = require("torch", "train")
+    if torch.cuda.is_available():
+        return "cuda"
+    if device == "cuda":
+        raise InputError("--device cuda: torch sees no CUDA device on this machine (this torch is "
+                         f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'})",
+                         fix="install a CUDA build of torch on a machine with an NVIDIA GPU, or use --device cpu")
+    return "cpu"

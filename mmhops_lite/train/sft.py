@@ -16,7 +16,7 @@ from ..types import Question
 from .checkpoint import load_checkpoint, save_checkpoint, trim_log
 from .distributed import Dist
 from .episodes import TokenizedEpisode, tokenize_episode
-from .grpo_loss import policy_logprobs, update_bf16
+from .grpo_loss import device_of, policy_logprobs, update_bf16
 from .settings import SFTConfig
 
 
@@ -191,7 +191,7 @@ def run_sft(net, data: list[TokenizedEpisode], out: Path, scfg: SFTConfig, meta:
     out.mkdir(parents=True, exist_ok=True)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=scfg.lr, weight_decay=0.0)
-    bf16 = update_bf16(scfg.update_dtype)
+    bf16 = update_bf16(scfg.update_dtype, device_of(net))
     steps_per_epoch = (len(data) + scfg.batch_size - 1) // scfg.batch_size
     total = steps_per_epoch * scfg.epochs
     state = load_checkpoint(out / "checkpoint", net, opt) or {"step": 0}
