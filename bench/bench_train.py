@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from mmhops_lite.train.settings import GRPOConfig  # noqa: E402
+from mmhops_lite.train.settings import GRPOConfig
 
 
 def main() -> None:

@@ -85,3 +85,36 @@ class ScriptedGenerator:
         if cut:
             text = text[: min(cut)]
         return Generation(text, len(prompt.split()), len(prompt.split()), len(text.split()), 0.0)
+
+
+class SeededPolicy:
+    """A scripted policy whose moves depend on the episode's seed and turn: search first or not, then the gold
+    answer, a wrong one, or a malformed turn. Questions are told apart by a "(case <id>)" mark in their text."""
+
+    id, n_ctx = "seeded", 100_000
+
+    def __init__(self, questions):
+        self.gold = {f"(case {q.id})": str(q.answer_eval[0]) for q in questions}
+
+    def render(self, messages):
+        from mmhops_lite.grammar import render_chatml
+
+        return render_chatml(messages)
+
+    def count_tokens(self, text):
+        return len(text.split())
+
+    def generate(self, prompt, stop, max_tokens=256, temperature=0.0, seed=None):
+        import random
+
+        from mmhops_lite.backends.base import Generation
+
+        turn = prompt.count("<information>")
+        rng = random.Random((seed or 0) * 31 + turn)
+        gold = next((a for p, a in self.gold.items() if p in prompt), "unknown")
+        if turn == 0 and rng.random() < 0.6:
+            text = "<think>look it up</think><text_search>" + gold
+        else:
+            text = rng.choice([f"<think>found</think><answer>{gold}", "<answer>Nowhere", "no tags at all"])
+        cut = [text.find(s) for s in stop if s in text]
+        return Generation(text[: min(cut)] if cut else text, 1, 1, len(text.split()), 0.0)

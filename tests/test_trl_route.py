@@ -4,15 +4,13 @@ The policy that plays the episodes is scripted (seeded: some episodes search the
 wrong, some break the format), so rewards differ inside every group and trl's update has something to learn;
 the model trl trains and differentiates is the tiny Llama."""
 import json
-import random
 
 import pytest
-from fakes import HashTextEncoder, TinyImageEncoder
+from fakes import HashTextEncoder, SeededPolicy, TinyImageEncoder
 
 from mmhops_lite.config import Config
 from mmhops_lite.data.questions import load_questions
 from mmhops_lite.data.synth import synthesize
-from mmhops_lite.grammar import render_chatml
 from mmhops_lite.index import KnowledgeBase, MultimodalIndex, sync
 from mmhops_lite.rewards import REWARDS, Weights, total_reward
 from mmhops_lite.train.settings import GRPOConfig, LoraSpec
@@ -37,35 +35,6 @@ def world(tmp_path_factory):
     return root
 
 
-class SeededPolicy:
-    """A scripted policy whose moves depend on the episode's seed and turn: search first or not, then the gold
-    answer, a wrong one, or a malformed turn."""
-
-    id, n_ctx = "seeded", 100_000
-
-    def __init__(self, questions):
-        self.gold = {f"(case {q.id})": str(q.answer_eval[0]) for q in questions}
-
-    def render(self, messages):
-        return render_chatml(messages)
-
-    def count_tokens(self, text):
-        return len(text.split())
-
-    def generate(self, prompt, stop, max_tokens=256, temperature=0.0, seed=None):
-        from mmhops_lite.backends.base import Generation
-
-        turn = prompt.count("<information>")
-        rng = random.Random((seed or 0) * 31 + turn)
-        gold = next((a for p, a in self.gold.items() if p in prompt), "unknown")
-        if turn == 0 and rng.random() < 0.6:
-            text = "<think>look it up</think><text_search>" + gold
-        else:
-            text = rng.choice([f"<think>found</think><answer>{gold}", "<answer>Nowhere", "no tags at all"])
-        cut = [text.find(s) for s in stop if s in text]
-        return Generation(text[: min(cut)] if cut else text, 1, 1, len(text.split()), 0.0)
-
-
 CFG = Config.resolve({"encoders.ocr": False, "model.threads": 1, "loop.max_new_tokens": 24, "loop.max_turns": 3},
                      env={})
 
@@ -88,7 +57,6 @@ def run_trl(world, out, tiny_hf, steps, monkeypatch, record=None):
 
 
 def test_trl_route_masks_loop_tokens_and_logs_our_rewards(world, tiny_hf, tmp_path, monkeypatch):
-    import torch
     import trl
 
     from mmhops_lite.train import trl_route
@@ -207,7 +175,12 @@ def test_trl_settings_follow_ours_and_refuse_what_trl_lacks(tmp_path):
 
     a = trl_args(GRPOConfig(steps=7, questions_per_step=4, group_size=5, lr=3e-5, loss="grpo", kl=0.02, seed=3,
                             update_dtype="fp32"), tmp_path, "cpu")
-    assert (a.max_steps, a.per_device_train_batch_size, a.gradient_accumulation_steps, a.num_generations) == (7, 5, 4, 5)
+    assert (a.max_steps, a.per_device_train_batch_size, a.gradient_accumulation_steps, a.num_generations) == (7, 1, 20, 5)
+    assert a.generation_batch_size == 20  # a step's episodes are played at once, then trained one by one
+    m = trl_args(GRPOConfig(questions_per_step=4, group_size=4, micro_batch=4), tmp_path, "cpu", world=2)
+    assert (m.per_device_train_batch_size, m.gradient_accumulation_steps) == (4, 2)
+    with pytest.raises(InputError, match="micro-batch 3"):
+        trl_args(GRPOConfig(micro_batch=3), tmp_path, "cpu")
     assert (a.loss_type, a.scale_rewards, a.beta, a.learning_rate, a.seed) == ("grpo", "group", 0.02, 3e-5, 3)
     assert a.lr_scheduler_type == "constant" and not a.bf16 and a.use_cpu
     d = trl_args(GRPOConfig(update_dtype="fp32"), tmp_path, "cpu")
@@ -266,3 +239,42 @@ def test_vllm_generator_speaks_our_protocol_over_llm_generate(monkeypatch):
     assert calls[0][0] == [{"prompt_token_ids": [97, 98]}, {"prompt_token_ids": [99, 100, 101]}]
     assert [kw["seed"] for kw in calls[0][1]] == [5, 6] and calls[0][1][0]["stop"] == ["</text_search>"]
     assert out[0].finish == "stop" and gen.render([{"role": "user", "content": "hi"}]).startswith("<|im_start|>")
+
+
+@pytest.mark.slow
+def test_trl_route_on_two_processes_equals_one(world, tiny_hf, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` (gloo, CPU) with --trainer trl: each process plays its
+    share of a step's groups, trl averages the gradients, and the run matches the one-process run (same episodes,
+    same rewards, same weights up to float summation order)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    worker = Path(__file__).with_name("trl_dist_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MMHOPS_MODEL_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, str(worker), str(world), str(tiny_hf), str(one)], check=True, env=env)
+    launcher = shutil.which("accelerate")
+    assert launcher, "accelerate is part of the [train] extra"
+    r = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519",
+                        str(worker), str(world), str(tiny_hf), str(two)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    def rows(run):
+        return [json.loads(x) for x in (run / "grpo-log.jsonl").read_text().splitlines()]
+
+    a, b = rows(one), rows(two)
+    assert [x["step"] for x in a] == [x["step"] for x in b] == [1, 2]
+    for key in ("reward", "reward_outcome", "reward_format", "reward_action", "accuracy", "searches"):
+        assert [x[key] for x in a] == pytest.approx([x[key] for x in b], abs=1e-4), key
+    assert [x["loss"] for x in a] == pytest.approx([x["loss"] for x in b], abs=1e-4)
+    wa = load_file(str(one / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(two / "adapter" / "adapter_model.safetensors"))
+    assert set(wa) == set(wb) and any(float(v.abs().sum()) > 0 for k, v in wb.items() if "lora_B" in k)
+    for k in wa:
+        assert float((wa[k] - wb[k]).abs().max()) < 1e-4, k

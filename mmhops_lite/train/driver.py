@@ -48,8 +48,7 @@ def train(questions_file: str | Path, index, cfg: Config, out: str | Path, *, mo
             check_choices(settings)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    trl_route = grpo is not None and grpo.steps > 0 and grpo.trainer == "trl"
-    if trl_route and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if grpo is not None and grpo.steps > 0 and grpo.trainer == "trl" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         require("accelerate", "train").PartialState()  # accelerate owns the process group (NCCL on GPUs)
     dist = Dist()  # one process unless started by `accelerate launch` / `torchrun`
     emit = (on_event if dist.main else None) or (lambda kind, payload: None)
@@ -77,7 +76,8 @@ def train(questions_file: str | Path, index, cfg: Config, out: str | Path, *, mo
             "questions": str(Path(questions_file).resolve()), "lora": asdict(lora),
             "sft": asdict(sft) if sft else None, "grpo": asdict(grpo) if grpo else None,
             "reward": weights.to_dict(), "hardware": f"{platform.machine()} {platform.processor()}".strip(),
-            "from_adapter": str(start) if start else None, "device": device, "trainer": grpo.trainer if grpo is not None and grpo.steps > 0 else None}
+            "from_adapter": str(start) if start else None, "device": device,
+            "trainer": grpo.trainer if grpo is not None and grpo.steps > 0 else None}
     result = {"out": str(out), "meta": meta}
     if sft is not None:
         data_path = out / "sft-data.jsonl"

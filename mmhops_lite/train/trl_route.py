@@ -57,6 +57,13 @@ def episode_ids(tok, ep) -> dict:
     return {"prompt_ids": te.input_ids[:te.prompt_len], "completion_ids": completion, "env_mask": mask}
 
 
+def summary(q, tr, reward: dict) -> dict:
+    """What the step log needs of one episode (small: processes exchange it)."""
+    return {**reward, "searches": sum(h.action in ("image_search", "text_search") for h in tr.hops),
+            "turns": len(tr.hops), "generated": tr.tokens["generated"], "evaluated": tr.tokens["evaluated"],
+            "episode": tr.tokens["prompt"], "split": q.split}
+
+
 class LoopRollouts:
     """trl's `rollout_func`: each prompt (already repeated group_size times by trl) becomes one episode of our loop
     over the index. `generator_for(trainer)` gives the policy runtime for the trainer's current weights; the
@@ -71,6 +78,7 @@ class LoopRollouts:
         self.perceptions: dict = {}
         self.cache: dict = {}
         self.last: list = []
+        self.summaries: list = []
         self.seconds = 0.0
 
     def question(self, prompt) -> object:
@@ -89,8 +97,9 @@ class LoopRollouts:
             if q.id not in self.perceptions:
                 self.perceptions[q.id] = perceive(q.images, self.index.image_encoder,
                                                   ocr=self.cfg.encoders.ocr) if q.images else []
-        rank = trainer.accelerator.process_index
-        seeds = [self.g.seed * 100003 + step * 101 + rank * 7919 + i * 11 for i in range(len(qs))]
+        # seeded by the episode's place in the step's global batch: the same episodes on any number of processes
+        first = trainer.accelerator.process_index * len(qs)
+        seeds = [self.g.seed * 100003 + step * 101 + (first + i) * 11 for i in range(len(qs))]
         gen = self.generator_for(trainer)
         eps: list = []
         if self.g.rollouts == "batched":
@@ -106,6 +115,11 @@ class LoopRollouts:
                                      search_cache=self.cache, episode_out=eps))
         rows = [episode_ids(self.tok, ep) for ep in eps]
         self.last = [(q, tr, total_reward(tr, q, self.weights)) for q, tr in zip(qs, traces)]
+        self.summaries = [summary(q, tr, r) for q, tr, r in self.last]
+        if trainer.accelerator.num_processes > 1:  # every process plays its share; the log counts them all
+            from accelerate.utils import gather_object
+
+            self.summaries = gather_object(self.summaries)
         self.seconds = time.perf_counter() - t0
         return {"prompt_ids": [r["prompt_ids"] for r in rows], "completion_ids": [r["completion_ids"] for r in rows],
                 "logprobs": None, "env_mask": [r["env_mask"] for r in rows],
@@ -135,7 +149,7 @@ class VLLMGenerator:
         return self.generate_many([prompt], stop, max_tokens, temperature, [seed])[0]
 
     def generate_many(self, prompts, stop, max_tokens=256, temperature=0.0, seeds=None, slots=None):
-        from vllm import SamplingParams  # noqa: PLC0415 - only on machines that run trl's vLLM
+        from vllm import SamplingParams  # only on machines that run trl's vLLM
 
         from ..backends.base import Generation
 
@@ -167,10 +181,7 @@ class _StepLog:
         self.t0 = time.perf_counter()
 
     def record(self, step: int, logs: dict) -> dict:
-        eps = self.rollouts.last
-        flat = [{**r, "searches": sum(h.action in ("image_search", "text_search") for h in tr.hops),
-                 "turns": len(tr.hops), "generated": tr.tokens["generated"], "evaluated": tr.tokens["evaluated"],
-                 "episode": tr.tokens["prompt"], "split": q.split} for q, tr, r in eps]
+        flat = self.rollouts.summaries
         size = self.g.group_size
         groups = [flat[i:i + size] for i in range(0, len(flat), size)]
         trained = sum(len(x) for x in groups if len({round(f["total"], 9) for f in x}) > 1)
@@ -228,23 +239,28 @@ def last_checkpoint(out: Path) -> Path | None:
 
 
 def trl_args(g: GRPOConfig, out: Path, device: str, world: int = 1):
-    """trl's GRPOConfig for our settings: one optimizer step = questions_per_step groups of group_size episodes
-    (a group per micro-batch), the loss and advantage scaling of `--loss`, constant learning rate, our clip, KL
+    """trl's GRPOConfig for our settings: one optimizer step = questions_per_step groups of group_size episodes,
+    all generated at once, then run micro_batch episodes per forward/backward pass (gradients accumulated), the loss and advantage scaling of `--loss`, constant learning rate, our clip, KL
     coefficient, seed and checkpoint interval."""
     trl = require("trl", "train")
     if g.loss not in LOSSES:
         raise InputError(f"--loss {g.loss} has no trl counterpart", fix="use --loss grpo or dr_grpo with --trainer "
                          "trl (reinforce is the compact trainer's)")
+    episodes = g.questions_per_step * g.group_size
     if g.questions_per_step % world:
         raise InputError(f"--questions-per-step {g.questions_per_step} does not split over {world} processes",
                          fix=f"use a multiple of {world}")
+    if g.micro_batch < 1 or (episodes // world) % g.micro_batch:
+        raise InputError(f"--micro-batch {g.micro_batch} does not divide the {episodes // world} episodes each "
+                         "process plays per step", fix="use 1 or a divisor of questions-per-step x group-size / "
+                                                       "processes")
     loss_type, scale = LOSSES[g.loss]
     bf16 = g.update_dtype == "bf16" or (g.update_dtype == "auto" and (
         require("torch", "train").cuda.is_bf16_supported() if device == "cuda" else native_bf16()))
     return trl.GRPOConfig(
         output_dir=str(Path(out) / CHECKPOINTS), max_steps=g.steps, learning_rate=g.lr, lr_scheduler_type="constant",
-        warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, per_device_train_batch_size=g.group_size,
-        gradient_accumulation_steps=g.questions_per_step // world, num_generations=g.group_size,
+        warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, per_device_train_batch_size=g.micro_batch,
+        gradient_accumulation_steps=episodes // world // g.micro_batch, num_generations=g.group_size,
         loss_type=loss_type, scale_rewards=scale, beta=g.kl, epsilon=g.clip, num_iterations=1,
         max_completion_length=MAX_TOKENS, temperature=g.temperature, remove_unused_columns=False,
         gradient_checkpointing=False, bf16=bf16, use_cpu=device == "cpu", seed=g.seed, data_seed=g.seed,
@@ -277,7 +293,7 @@ def run_trl_grpo(net, tok, questions: Sequence, index, cfg: Config, g: GRPOConfi
 
     rollouts = LoopRollouts(questions, index, cfg, g, tok, weights, generator_for or from_engine)
     funcs, reward_weights = trl_reward_functions(weights)
-    args = trl_args(g, out, device)
+    args = trl_args(g, out, device, int(os.environ.get("WORLD_SIZE", "1")))
     args.reward_weights = reward_weights
     data = datasets.Dataset.from_list([{"prompt": prompt_of(q)} for q in questions])
     trainer = trl.GRPOTrainer(model=net, reward_funcs=funcs, args=args, train_dataset=data, processing_class=tok,
