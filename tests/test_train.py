@@ -369,25 +369,10 @@ def test_merged_rollout_gguf_is_the_torch_policy_and_refreshes_in_place(tiny_ggu
 def test_data_parallel_training_equals_one_process(world, tiny_hf, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` (torchrun, gloo, CPU): SFT and GRPO split each step's examples and questions
     across the processes and sum their LoRA gradients, so the run equals the one-process run."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
-
+    from launch import one_and_two_processes
     from safetensors.torch import load_file
 
-    worker = Path(__file__).with_name("dist_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MMHOPS_MODEL_THREADS": "1"}
-    one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run([sys.executable, str(worker), str(world), str(tiny_hf), str(one)], check=True, env=env)
-    launcher = shutil.which("accelerate")
-    assert launcher, "accelerate is part of the [train] extra"
-    # --multi_gpu is accelerate's switch to its torchrun launcher; without GPUs the processes run on the CPU
-    r = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-                        str(worker), str(world), str(tiny_hf), str(two)], env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
+    one, two = one_and_two_processes("dist_worker.py", [world, tiny_hf], tmp_path, 29517)
 
     def rows(run, name):
         return [json.loads(x) for x in (run / name).read_text().splitlines()]

@@ -246,24 +246,10 @@ def test_trl_route_on_two_processes_equals_one(world, tiny_hf, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` (gloo, CPU) with --trainer trl: each process plays its
     share of a step's groups, trl averages the gradients, and the run matches the one-process run (same episodes,
     same rewards, same weights up to float summation order)."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
-
+    from launch import one_and_two_processes
     from safetensors.torch import load_file
 
-    worker = Path(__file__).with_name("trl_dist_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MMHOPS_MODEL_THREADS": "1"}
-    one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run([sys.executable, str(worker), str(world), str(tiny_hf), str(one)], check=True, env=env)
-    launcher = shutil.which("accelerate")
-    assert launcher, "accelerate is part of the [train] extra"
-    r = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519",
-                        str(worker), str(world), str(tiny_hf), str(two)], env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = one_and_two_processes("trl_dist_worker.py", [world, tiny_hf], tmp_path, 29519)
 
     def rows(run):
         return [json.loads(x) for x in (run / "grpo-log.jsonl").read_text().splitlines()]

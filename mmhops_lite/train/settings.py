@@ -84,9 +84,9 @@ class GRPOConfig:
     device: str = _o("auto", DEVICE_HELP, "--device", DEVICES)
     checkpoint_every: int = _o(5, "GRPO steps between checkpoints.")
     seed: int = _o(0, "Seed for data order (and the LoRA's random start).", "--seed")
-    micro_batch: int = _o(1, "--trainer trl: episodes per forward/backward pass. 1 on a CPU (a padded batch makes "
-                             "attention keep length x length matrices: a 20-step demo run with 4 was killed at 24 GB); "
-                             "raise it on GPUs.", "--micro-batch")
+    micro_batch: int = _o(1, "--trainer trl: episodes per forward/backward pass. 1 on a CPU (a padded batch of long "
+                             "episodes costs memory and time: a demo run with 4 per pass was killed at 24 GB); raise "
+                             "it on GPUs.", "--micro-batch")
 
     def __post_init__(self):
         if self.engine == "vllm" and self.trainer != "trl":
