@@ -264,3 +264,20 @@ def test_trl_route_on_two_processes_equals_one(world, tiny_hf, tmp_path):
     assert set(wa) == set(wb) and any(float(v.abs().sum()) > 0 for k, v in wb.items() if "lora_B" in k)
     for k in wa:
         assert float((wa[k] - wb[k]).abs().max()) < 1e-4, k
+
+
+def test_trl_route_plays_episodes_with_the_live_torch_engine(world, tiny_hf, tmp_path):
+    """No stand-in: the rollout engine is the model trl is training (torch, batched decoding), refreshed per step."""
+    from mmhops_lite.train.driver import train
+
+    g = GRPOConfig(steps=1, questions_per_step=1, group_size=2, engine="torch", trainer="trl", device="cpu",
+                   update_dtype="fp32", temperature=1.0)
+    cfg = Config.resolve({"encoders.ocr": False, "model.threads": 1, "loop.max_new_tokens": 8, "loop.max_turns": 2},
+                         env={})
+    with MultimodalIndex(world / "idx", HashTextEncoder(), TinyImageEncoder()) as idx:
+        res = train(world / "q" / "train.jsonl", idx, cfg, tmp_path / "live", model=str(tiny_hf),
+                    lora=LoraSpec(r=4, alpha=8), sft=None, grpo=g, gguf_adapter=False)
+    rows = [json.loads(x) for x in (tmp_path / "live" / "grpo-log.jsonl").read_text().splitlines()]
+    assert res["grpo_steps"] == 1 and len(rows) == 1 and rows[0]["engine"] == "torch"
+    assert rows[0]["completion_tokens"] > 0 and rows[0]["episode_tokens"] > 0  # the random model wrote something
+    assert (tmp_path / "live" / "adapter" / "adapter_model.safetensors").is_file()
