@@ -1,8 +1,9 @@
 """GRPO on peft, over the loop's own multi-turn rollouts.
 
-Why a compact step rather than trl's GRPOTrainer: our rollouts are whole `ask` episodes whose tool calls are
-our tags (trl's tool hooks need JSON tool calls in the chat template, which SmolLM2 lacks), they come from
-llama.cpp with the current LoRA as a GGUF adapter, and groups whose rewards are all equal are skipped before any
+Why a compact step as the default (trl's GRPOTrainer is the other route, `--trainer trl`, train/trl_route.py,
+for GPUs and clusters; on this CPU its update is 1.7x slower per token): our rollouts are whole `ask` episodes
+whose tool calls are our tags (trl's own tool hooks need JSON tool calls in the chat template, which SmolLM2
+lacks, so the trl route plays them through a rollout_func), they come from llama.cpp with the current LoRA as a GGUF adapter, and groups whose rewards are all equal are skipped before any
 forward pass. The objective is trl's: group-relative advantages, token log-ratio with PPO clipping, optional
 k3 KL to the reference (the adapter switched off). The llama.cpp engine is refreshed with the current adapter every
 `refresh_every` steps (default 1) and samples from the full softmax; what is left of the sampler/learner mismatch
