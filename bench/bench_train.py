@@ -75,7 +75,6 @@ def main() -> None:
             if trainer == "trl":
                 curves[label] = [r["reward"] for r in log]
             for r in log:  # per step, so a median is never read without what it summarises
-                r.setdefault("update_s", r["seconds"] - r["rollout_s"])  # trl: everything but the rollouts
                 if trainer == "trl":
                     print(f"  {label} step {r['step']}: {r['seconds']:.1f} s = rollouts {r['rollout_s']:.1f} + "
                           f"trl {r['update_s']:.1f} (reward {r['reward']:.3f}, accuracy {r['accuracy']:.3f}, "

@@ -129,7 +129,7 @@ def sampler_positions(tokenizer, prompt: str, segments, turns: list[list[float]]
     return (out + [None] * length)[:length]
 
 
-def _summary(tr, reward: dict) -> dict:
+def episode_summary(tr, reward: dict) -> dict:
     """What the step log needs of one rollout (small, so processes can exchange it)."""
     return {**reward,
             "searches": sum(h.action in ("image_search", "text_search") for h in tr.hops), "turns": len(tr.hops),
@@ -142,7 +142,7 @@ def run_grpo(net, tok, questions: Sequence[Question], index, cfg: Config, g: GRP
              dist: Dist | None = None) -> dict:
     """Run GRPO steps until g.steps; resumes from out/grpo-checkpoint exactly where it stopped. Each step:
     refresh the rollout engine, roll out every question's group (`_rollouts`), update on the groups whose rewards
-    differ (`_update`), then log (`_record`), warn on collapse, and checkpoint.
+    differ (`_update`), then log (`step_record`), warn on collapse, and checkpoint.
 
     Under data parallelism (`dist` with several processes) each process rolls out every world-th question of a
     step, gradients are summed across processes, and the first process writes the log and checkpoints."""
@@ -170,7 +170,7 @@ def run_grpo(net, tok, questions: Sequence[Question], index, cfg: Config, g: GRP
         groups = roll(step)
         t2 = time.perf_counter()
         parts = _update(net, opt, params, groups, g, tok, dist)
-        rec = _record(parts, step, g, engine.kind, (t1 - t0, t2 - t1, time.perf_counter() - t2), dist.world)
+        rec = step_record(parts, step, g, engine.kind, (t1 - t0, t2 - t1, time.perf_counter() - t2), dist.world)
         n_groups = sum(x["groups"] for x in parts)
         state["zero_var"] = state["zero_var"] + 1 if rec["zero_variance_groups"] == n_groups else 0
         state["no_search"] = state["no_search"] + 1 if rec["searches"] < 0.05 else 0
@@ -259,7 +259,7 @@ def _update(net, opt, params, groups: list, g: GRPOConfig, tok, dist: Dist) -> l
             loss_sum += float(loss) / n_train
             stats.append(st)
             trained += 1
-    parts = dist.gather({"flat": [{**_summary(tr, r), "split": q.split} for q, ro in groups for tr, _, r, _ in ro],
+    parts = dist.gather({"flat": [{**episode_summary(tr, r), "split": q.split} for q, ro in groups for tr, _, r, _ in ro],
                          "stats": stats, "zero": zero_groups, "groups": len(groups), "trained": trained,
                          "loss": loss_sum})
     if sum(x["trained"] for x in parts):
@@ -269,7 +269,7 @@ def _update(net, opt, params, groups: list, g: GRPOConfig, tok, dist: Dist) -> l
     return parts
 
 
-def _record(parts: list[dict], step: int, g: GRPOConfig, engine: str, seconds: tuple, world: int) -> dict:
+def step_record(parts: list[dict], step: int, g: GRPOConfig, engine: str, seconds: tuple, world: int) -> dict:
     """The step's log line: rewards by part, accuracy (by split), searches, tokens, update statistics, timings."""
     flat = [f for x in parts for f in x["flat"]]
     stats = [st for x in parts for st in x["stats"]]

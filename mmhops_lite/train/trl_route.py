@@ -29,6 +29,7 @@ from ..rewards import SCORED_FIELD, Weights, part_names, scored, total_reward, t
 from .checkpoint import trim_log
 from .episodes import tokenize_episode
 from .grpo_loss import native_bf16
+from .grpo_run import episode_summary, step_record
 from .settings import GRPOConfig
 
 CHECKPOINTS = "trl-checkpoints"
@@ -55,13 +56,6 @@ def episode_ids(tok, ep) -> dict:
     if not completion:  # an empty first turn: trl needs a token to read; it is the end and is not learned
         completion, mask = [tok.eos_token_id], [0]
     return {"prompt_ids": te.input_ids[:te.prompt_len], "completion_ids": completion, "env_mask": mask}
-
-
-def summary(q, tr, reward: dict) -> dict:
-    """What the step log needs of one episode (small: processes exchange it)."""
-    return {**reward, "searches": sum(h.action in ("image_search", "text_search") for h in tr.hops),
-            "turns": len(tr.hops), "generated": tr.tokens["generated"], "evaluated": tr.tokens["evaluated"],
-            "episode": tr.tokens["prompt"], "split": q.split}
 
 
 class LoopRollouts:
@@ -115,7 +109,7 @@ class LoopRollouts:
                                      search_cache=self.cache, episode_out=eps))
         rows = [episode_ids(self.tok, ep) for ep in eps]
         self.last = [(q, tr, total_reward(tr, q, self.weights)) for q, tr in zip(qs, traces)]
-        self.summaries = [summary(q, tr, r) for q, tr, r in self.last]
+        self.summaries = [{**episode_summary(tr, r), "split": q.split} for q, tr, r in self.last]
         if trainer.accelerator.num_processes > 1:  # every process plays its share; the log counts them all
             from accelerate.utils import gather_object
 
@@ -181,35 +175,26 @@ class _StepLog:
         self.t0 = time.perf_counter()
 
     def record(self, step: int, logs: dict) -> dict:
+        """The compact trainer's log line (`grpo_run.step_record`) over the step's episodes, with trl's own numbers
+        where trl computed them: rewards (by part), loss, entropy, KL, gradient norm."""
         flat = self.rollouts.summaries
         size = self.g.group_size
         groups = [flat[i:i + size] for i in range(0, len(flat), size)]
-        trained = sum(len(x) for x in groups if len({round(f["total"], 9) for f in x}) > 1)
-
-        def mean(key, rows, nd):
-            return round(sum(r[key] for r in rows) / len(rows), nd) if rows else None
-
+        varied = [len({round(f["total"], 9) for f in x}) > 1 for x in groups]
+        part = {"flat": flat, "stats": [], "zero": varied.count(False), "groups": len(groups),
+                "trained": sum(len(x) for x, v in zip(groups, varied) if v), "loss": float(logs.get("loss", 0.0))}
         now = time.perf_counter()
-        rec = {"phase": "grpo", "trainer": "trl", "step": step, "of": self.g.steps,
-               "loss": round(float(logs.get("loss", 0.0)), 6), "reward": round(float(logs["reward"]), 4),
-               **{f"reward_{k}": round(float(logs.get(f"rewards/{k}/mean", 0.0)), 4)
-                  for k in (part_names(flat[0]) if flat else ())},
-               "accuracy": mean("correct", flat, 4),
-               "accuracy_by_split": {sp: mean("correct", [f for f in flat if f["split"] == sp], 4)
-                                     for sp in sorted({f["split"] for f in flat})},
-               "searches": mean("searches", flat, 3), "turns": mean("turns", flat, 3),
-               "completion_tokens": mean("generated", flat, 1),
-               "entropy": round(float(logs["entropy"]), 4) if "entropy" in logs else None,
-               "kl": round(float(logs["kl"]), 5) if "kl" in logs else None,
-               "zero_variance_groups": len(groups) - sum(1 for x in groups if len({round(f["total"], 9) for f in x}) > 1),
-               "trained_rollouts": trained,
-               "rollout_tokens": sum(f["generated"] + f["evaluated"] for f in flat),
-               "episode_tokens": sum(f["episode"] for f in flat),
-               "update_tokens": sum(f["episode"] for f in flat),  # trl runs every episode, prompt and all
-               "grad_norm": round(float(logs["grad_norm"]), 5) if "grad_norm" in logs else None,
-               "rollout_s": round(self.rollouts.seconds, 2), "seconds": round(now - self.t0, 2),
-               "engine": self.engine}
+        roll = self.rollouts.seconds
+        rec = step_record([part], step - 1, self.g, self.engine, (0.0, roll, now - self.t0 - roll), 1)
         self.t0 = now
+
+        def trl_value(key, nd):
+            return round(float(logs[key]), nd) if key in logs else None
+
+        rec.update({"trainer": "trl", "reward": trl_value("reward", 4),
+                    **{f"reward_{k}": trl_value(f"rewards/{k}/mean", 4) for k in (part_names(flat[0]) if flat else ())},
+                    "entropy": trl_value("entropy", 4), "kl": trl_value("kl", 5), "grad_norm": trl_value("grad_norm", 5),
+                    "update_tokens": rec["episode_tokens"]})  # trl runs every episode, prompt and all
         return rec
 
     def callback(self):
