@@ -67,7 +67,9 @@ class ModelConfig:
 class LoopConfig:
     """The multi-hop search/answer loop."""
 
-    max_turns: int = _f(5, "turns before the episode ends unanswered")
+    max_turns: int = _f(5, "turns the policy may spend on searches and its answer")
+    final_answer: bool = _f(True, "when the turns run out unanswered, the loop writes <answer> and the policy "
+                                  "completes it from what it has read (one more turn; the hop is marked forced)")
     top_k: int = _f(3, "hits shown to the policy per text search")
     image_top_k: int = _f(1, "entities shown per image search (small policies get distracted by runners-up)")
     info_tokens: int = _f(400, "token budget of one <information> block")

@@ -29,7 +29,8 @@ def evaluate(questions: Sequence[Question], generator, index, image_encoder, cfg
         searches = sum(h.action in ("image_search", "text_search") for h in tr.hops)
         rec = {"id": q.id, "split": q.split, "problem_type": q.problem_type, "prediction": tr.answer,
                "answer": q.answer, "correct": score(tr.answer, q.answer_eval, q.problem_type),
-               "turns": len(tr.hops), "searches": searches, "seconds": round(time.perf_counter() - t0, 3),
+               "turns": len(tr.hops), "searches": searches,
+               "forced": any(getattr(h, "forced", False) for h in tr.hops), "seconds": round(time.perf_counter() - t0, 3),
                "template": q.extra.get("template"), "actions": [h.action for h in tr.hops],
                # the trace itself, so a failure can be read without running the question again
                "hops": [{"action": h.action, "argument": h.argument, "think": h.think,
@@ -55,7 +56,9 @@ def summarize(records: list[dict]) -> dict:
                      "turns": round(sum(r["turns"] for r in rs) / n, 2),
                      "searches": round(sum(r["searches"] for r in rs) / n, 2),
                      "seconds": round(sum(r["seconds"] for r in rs) / n, 2),
-                     "answered": round(sum(r["prediction"] is not None for r in rs) / n, 4)}
+                     "answered": round(sum(r["prediction"] is not None for r in rs) / n, 4),
+                     # answers the loop asked for when the turns ran out (loop.final_answer)
+                     "forced": round(sum(bool(r.get("forced")) for r in rs) / n, 4)}
     return out
 
 

@@ -27,6 +27,7 @@ SYSTEM = (
     "<think>The passage names the designer.</think><answer>Gustave Eiffel</answer>"
 )
 
+LAST_TURN = "No turns left: give your answer now from what you have read."
 CORRECTION = ("Your last turn had no valid action. Reply with <think>...</think> and then exactly one of "
               "<image_search>N</image_search>, <text_search>query</text_search> or <answer>...</answer>.")
 

@@ -15,6 +15,7 @@ from .config import Config
 from .types import Hop, Trace
 
 Event = Callable[[str, object], None]
+FORCED = "<answer>"  # what the loop writes to open a forced final answer
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,7 @@ def _episode(question: str, generator, index, cfg: Config, perceptions: Sequence
         ep.hops.append(hop)
         emit("hop", hop)
     else:
-        corrected = False
+        corrected, exhausted = False, False
         for _ in range(cfg.loop.max_turns):
             t0 = time.perf_counter()
             g, text = yield from _turn(ep, "")
@@ -238,6 +239,22 @@ def _episode(question: str, generator, index, cfg: Config, perceptions: Sequence
                 ep.add(grammar.information([grammar.CORRECTION]), False)
                 continue
             run_search(act.kind, act.argument, text, act.think, g, t0)
+        else:
+            exhausted = True
+        if exhausted and ep.answer is None and cfg.loop.final_answer:
+            # Budget forcing: the turns ran out, so the loop opens the answer and the policy must complete it
+            # from what it has read. The opening tag is the loop's; only the completion is the policy's.
+            t0 = time.perf_counter()
+            ep.add(grammar.information([grammar.LAST_TURN]), False)
+            g, text = yield from _turn(ep, FORCED)
+            ep.add(FORCED, False)
+            ep.add(text[len(FORCED):], True)
+            act = grammar.parse_action(text, n_img)
+            ep.answer = (act.argument if act.kind == "answer" else g.text.strip()) or None
+            hop = Hop("answer", ep.answer or "", (), round(time.perf_counter() - t0, 3), g.evaluated_tokens,
+                      g.completion_tokens, "", text, forced=True)
+            ep.hops.append(hop)
+            emit("hop", hop)
     trace = Trace(question=question, images=(), hops=tuple(ep.hops), answer=ep.answer,
                   evidence=_evidence(ep.answer, ep.hops),
                   tokens={"prompt": generator.count_tokens(ep.prompt + ep.transcript), "evaluated": ep.evaluated,

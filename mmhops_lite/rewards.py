@@ -30,7 +30,9 @@ class Scored:
 
     @property
     def policy_turns(self) -> list[str]:
-        return [h.raw for h in self.trace.hops if h.raw]
+        # A forced answer (loop.final_answer) is the loop's request, not the policy's choice: format counts it
+        # as unanswered, so the policy is still paid for finishing on its own.
+        return [h.raw for h in self.trace.hops if h.raw and not getattr(h, "forced", False)]
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,7 @@ class Hop(_Json):
     tokens_generated: int = 0
     think: str = ""
     raw: str = ""
+    forced: bool = False  # an answer the loop asked for when the turns ran out (loop.final_answer)
 
 
 @dataclass(frozen=True)

@@ -177,3 +177,24 @@ def test_rejection_sampling_keeps_the_shortest_correct_supported_rollout(world):
     got = rejection_sample([lucky], gen, idx, CFG, lambda q: perceive(kb, "Zorgtower"), samples=1,
                            require_support=False)
     assert [q.id for q, _ in got] == ["q-lucky"]
+
+
+def test_rejection_sampling_drops_an_answer_the_loop_forced(world):
+    idx, kb = world
+    good = discover_turns(BRIDGE, idx, CFG, perceive(kb, "Zorgtower")).turns
+    searches = [t for t in good if "<answer>" not in t]
+    short = Config.resolve(flags={"loop.max_turns": len(searches)}, env={})
+    # The rollout runs out of turns after the right searches; the loop asks, and it answers right.
+    gen = ScriptedGenerator(searches + ["Fredville</answer>"])
+    got = rejection_sample([BRIDGE], gen, idx, short, lambda q: perceive(kb, "Zorgtower"), samples=1)
+    assert got == [] and not gen.replies
+    gen = ScriptedGenerator(good)  # the same path, answered by the policy itself, is kept
+    got = rejection_sample([BRIDGE], gen, idx, replace_turns(short, len(good)), lambda q: perceive(kb, "Zorgtower"),
+                           samples=1)
+    assert [q.id for q, _ in got] == ["q-bridge"]
+
+
+def replace_turns(cfg, n):
+    import dataclasses
+
+    return dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, max_turns=n))

@@ -78,10 +78,37 @@ def test_policy_cannot_write_information(index):
     assert tr.hops[0].action == "invalid" and tr.answer == "y"
 
 
-def test_max_turns_ends_unanswered(index):
+def test_max_turns_ends_unanswered_without_final_answer(index):
     gen = ScriptedGenerator(["<text_search>a</text_search>"] * 10)
-    tr = answer("Q?", gen, index, Config.resolve({"loop.max_turns": 3}, env={}))
-    assert tr.answer is None and len(tr.hops) == 3
+    tr = answer("Q?", gen, index, Config.resolve({"loop.max_turns": 3, "loop.final_answer": False}, env={}))
+    assert tr.answer is None and len(tr.hops) == 3 and not any(h.forced for h in tr.hops)
+
+
+def test_turns_run_out_then_the_loop_asks_for_the_answer(index):
+    gen = ScriptedGenerator(["<text_search>a</text_search>"] * 3 + ["Sylport</answer>"])
+    episodes = []
+    tr = answer("Q?", gen, index, Config.resolve({"loop.max_turns": 3}, env={}), episode_out=episodes)
+    assert [h.action for h in tr.hops] == ["text_search"] * 3 + ["answer"]
+    assert tr.answer == "Sylport" and tr.hops[-1].forced and not any(h.forced for h in tr.hops[:-1])
+    assert gen.prompts[-1].endswith(grammar.LAST_TURN + "\n</information>\n<answer>")
+    # The opening tag and the request are the loop's; only the completion is the policy's (and trained on).
+    segs = episodes[0].segments
+    assert segs[-3:] == [(grammar.information([grammar.LAST_TURN]), False), ("<answer>", False),
+                         ("Sylport</answer>", True)]
+    assert episodes[0].transcript.count("<answer>") == 1
+    # The format reward counts a forced answer as none: the policy is still paid for finishing by itself.
+    from mmhops_lite.rewards import format_reward, scored
+    from mmhops_lite.types import Question
+    q = Question(id="q", problem="Q?", images=(), answer="Sylport", answer_eval=("Sylport",), split="Bridge",
+                 problem_type="String")
+    s = scored(tr, q)
+    assert s.correct and format_reward(s.policy_turns, 0) == 0.0
+
+
+def test_no_forced_answer_after_the_correction_fails(index):
+    gen = ScriptedGenerator(["babble", "more babble", "Sylport</answer>"])
+    tr = answer("Q?", gen, index, Config.resolve(env={}))
+    assert tr.answer is None and [h.action for h in tr.hops] == ["invalid", "invalid"]
 
 
 def test_pipeline_and_direct_modes(index, tiny_kb):

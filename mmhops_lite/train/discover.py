@@ -319,6 +319,8 @@ def _kept(q: Question, tr, ep: Episode, require_support: bool) -> bool:
     gold = tuple(q.answer_eval) or (q.answer,)
     if not score(tr.answer, gold, q.problem_type) or any(h.action == "invalid" for h in tr.hops):
         return False  # a corrected invalid turn is still the policy's text: it would be taught
+    if any(h.forced for h in tr.hops):
+        return False  # the loop asked for that answer: SFT would teach waiting for the request
     if not require_support or q.split == "Compare":
         return True
     shown = " ".join(t for t, by_policy in ep.segments if not by_policy)
