@@ -30,7 +30,7 @@ def evaluate(questions: Sequence[Question], generator, index, image_encoder, cfg
         rec = {"id": q.id, "split": q.split, "problem_type": q.problem_type, "prediction": tr.answer,
                "answer": q.answer, "correct": score(tr.answer, q.answer_eval, q.problem_type),
                "turns": len(tr.hops), "searches": searches,
-               "forced": any(getattr(h, "forced", False) for h in tr.hops), "seconds": round(time.perf_counter() - t0, 3),
+               "forced": any(h.forced for h in tr.hops), "seconds": round(time.perf_counter() - t0, 3),
                "template": q.extra.get("template"), "actions": [h.action for h in tr.hops],
                # the trace itself, so a failure can be read without running the question again
                "hops": [{"action": h.action, "argument": h.argument, "think": h.think,
