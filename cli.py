@@ -292,7 +292,7 @@ def _render_event(kind: str, payload) -> None:
         cost = f"[dim]{h.seconds:.2f}s, {h.tokens_evaluated} tok in, {h.tokens_generated} out[/dim]"
         if h.think:
             console.print(f"  [dim]think: {escape(h.think[:200])}[/dim]", highlight=False)
-        label = f"{h.action} (turns ran out: forced)" if getattr(h, "forced", False) else h.action
+        label = f"{h.action} (turns ran out: forced)" if h.forced else h.action
         console.print(f"[bold {style}]{label}[/bold {style}] {escape(h.argument)}  {cost}", highlight=False)
         for r in h.results:
             console.print(f"    {r['score']:.3f}  {escape(r['title'])}  [dim]{r['id']}[/dim]", highlight=False)

@@ -189,12 +189,6 @@ def test_rejection_sampling_drops_an_answer_the_loop_forced(world):
     got = rejection_sample([BRIDGE], gen, idx, short, lambda q: perceive(kb, "Zorgtower"), samples=1)
     assert got == [] and not gen.replies
     gen = ScriptedGenerator(good)  # the same path, answered by the policy itself, is kept
-    got = rejection_sample([BRIDGE], gen, idx, replace_turns(short, len(good)), lambda q: perceive(kb, "Zorgtower"),
-                           samples=1)
+    enough = Config.resolve(flags={"loop.max_turns": len(good)}, env={})
+    got = rejection_sample([BRIDGE], gen, idx, enough, lambda q: perceive(kb, "Zorgtower"), samples=1)
     assert [q.id for q, _ in got] == ["q-bridge"]
-
-
-def replace_turns(cfg, n):
-    import dataclasses
-
-    return dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, max_turns=n))
