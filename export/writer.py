@@ -35,9 +35,10 @@ def parity_prompts(n: int = 50, questions: str | Path | None = None, index=None,
     """Prompts for the parity gate, and where they came from.
 
     With a questions file and an open index ("dev-gold"): the dev questions' real prompts, i.e. their perception
-    text and the gold trajectory run through the loop over the index, one prompt per question, cut inside one of
-    its policy turns (the turn cycles over the question's turns, the cut after a seeded number of words). Without them
-    ("synthetic", e.g. a tiny test model): question texts with fixed trajectory tails.
+    text and the gold trajectory run through the loop over the index, one prompt per question (`spread` over the
+    question kinds), cut inside one of its policy turns (the turn cycles over the question's turns, the cut after a
+    seeded number of words). Without them ("synthetic", e.g. a tiny test model): question texts with fixed
+    trajectory tails.
     """
     from mmhops_lite.data.questions import load_questions
 
@@ -57,6 +58,23 @@ def parity_prompts(n: int = 50, questions: str | Path | None = None, index=None,
     return out, "synthetic"
 
 
+def spread(qs: Sequence) -> list:
+    """The questions in round-robin over their kinds (template, else split), each kind in file order: the first
+    n are then a sample of every kind, however the file is sorted (a synthesised dev file lists its kinds one
+    after another, so its first 50 questions held no comparison at all).
+
+    >>> from types import SimpleNamespace as Q
+    >>> qs = [Q(id=i, extra={"template": t}, split="Bridge") for i, t in enumerate("aaabbc")]
+    >>> [q.id for q in spread(qs)]
+    [0, 3, 5, 1, 4, 2]
+    """
+    kinds: dict = {}
+    for q in qs:
+        kinds.setdefault(q.extra.get("template") or q.split, []).append(q)
+    lanes = list(kinds.values())
+    return [lane[i] for i in range(max(map(len, lanes), default=0)) for lane in lanes if i < len(lane)]
+
+
 def _gold_prompts(qs, n: int, index, count_tokens, cfg) -> list:
     from mmhops_lite.config import Config
     from mmhops_lite.data.gold import gold_episode
@@ -67,7 +85,7 @@ def _gold_prompts(qs, n: int, index, count_tokens, cfg) -> list:
     count = count_tokens or (lambda text: len(text) // 4)
     out, cache = [], {}
     rng = random.Random(0)
-    for q in qs:
+    for q in spread(qs):
         if len(out) >= n:
             break
         perc = perceive(q.images, index.image_encoder, ocr=cfg.encoders.ocr) if q.images else []

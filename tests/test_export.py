@@ -284,3 +284,19 @@ def test_a_new_export_format_is_one_function_and_one_table_entry(tiny_lora, tmp_
     assert api.generator(Config.resolve({"model.policy": str(tmp_path / "f"), "model.threads": 1}, env={})).id \
         == "policy.gguf"
     assert formats.FORMATS is FORMATS
+
+
+def test_parity_prompts_sample_every_question_kind_whatever_the_file_order():
+    from types import SimpleNamespace
+
+    from export.writer import spread
+
+    # A synthesised dev file lists its kinds one after another: the gate's first 50 prompts must still mix them.
+    qs = [SimpleNamespace(id=f"{k}{i}", extra={"template": k}, split="Bridge") for k in ("fact", "more", "pick")
+          for i in range(40)]
+    qs += [SimpleNamespace(id=f"m{i}", extra={}, split="Compare") for i in range(5)]  # MMhops schema: by split
+    first = spread(qs)[:50]
+    kinds = {q.id.rstrip("0123456789") for q in first}
+    assert kinds == {"fact", "more", "pick", "m"}
+    assert sorted(q.id for q in spread(qs)) == sorted(q.id for q in qs)  # a reordering, nothing lost or repeated
+    assert [q.id for q in first if q.id.startswith("fact")][:3] == ["fact0", "fact1", "fact2"]  # file order kept

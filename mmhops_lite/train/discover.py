@@ -19,6 +19,11 @@ _STOP = set("""a an the of in on at to for from by with and or as is are was wer
 had it its this these that those there here which what who whom whose where when why how many much image images
 picture pictures photo photos shown show shows depicted pictured one two three both either each than into about
 same other another""".split())
+# Words of the asking, not of the thing asked about: a query carrying them ("Flamingo family things yes no") is noise
+# the policy would learn to type.
+_ASKING = set("""tell me give name find know please yes no thing things first second pick point out would could can
+you i like want look looking identify report work check whether true answer say between whose ones goes go matches
+alike share shared common identical wins scores ranks""".split())
 _DEMONSTRATIVE = {"this", "these", "that", "those"}
 # Comparatives whose direction is unambiguous (not older/earlier: a year and an age run opposite ways).
 _MORE = set("larger more higher bigger greater taller longer most largest highest biggest greatest tallest longest"
@@ -48,7 +53,8 @@ class _Step:
 
 
 def question_terms(problem: str) -> list[str]:
-    """The question's content words, minus the noun a demonstrative points at (the image entity's type)."""
+    """The question's content words, minus the noun a demonstrative points at (the image entity's type), the words
+    of the asking itself and comparatives (the direction of a comparison is read from the question, not searched)."""
     out, skip = [], False
     for w in re.findall(r"\w+", problem.replace("<image>", " ").lower()):
         if w in _DEMONSTRATIVE:
@@ -57,7 +63,7 @@ def question_terms(problem: str) -> list[str]:
             continue  # "these two countries": the noun is still to come
         elif skip:
             skip = False  # "this tower": the type of what image search already found, noise in a query
-        elif w not in _STOP and w not in out:
+        elif w not in _STOP and w not in _ASKING and w not in _MORE and w not in _LESS and w not in out:
             out.append(w)
     return out
 
