@@ -29,6 +29,7 @@ _DEMONSTRATIVE = {"this", "these", "that", "those"}
 _MORE = set("larger more higher bigger greater taller longer most largest highest biggest greatest tallest longest"
             .split())
 _LESS = set("smaller fewer less lower shorter least smallest lowest shortest fewest".split())
+_UNSEARCHED = _STOP | _ASKING | _MORE | _LESS  # never a word of a discovered query
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def question_terms(problem: str) -> list[str]:
             continue  # "these two countries": the noun is still to come
         elif skip:
             skip = False  # "this tower": the type of what image search already found, noise in a query
-        elif w not in _STOP and w not in _ASKING and w not in _MORE and w not in _LESS and w not in out:
+        elif w not in _UNSEARCHED and w not in out:
             out.append(w)
     return out
 
